@@ -1,0 +1,136 @@
+"""Atomic, pickle-free checkpoints shared by every trainer (image codec, audio codec, decoder).
+
+    run/checkpoints/
+      step_000200/        one complete checkpoint
+        model.safetensors, optimizer.safetensors, ...   tensors (any names the trainer chooses)
+        state.json        step, configs, scheduler, loader state, RNG, counters (written last)
+      latest              {"step": 200, "dir": "step_000200"}, replaced atomically after the directory
+
+A checkpoint is written into a hidden temporary directory and renamed into place, then `latest` is
+replaced, so a crash at any moment leaves the previous checkpoint intact and `latest` pointing at a
+complete one. Tensors go to safetensors and everything else to JSON: loading never unpickles.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from tessera.storage import atomic_write_json, load_tensors, make_temp_dir, read_json, replace_dir, save_tensors
+
+STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+class CheckpointManager:
+    def __init__(self, run_dir: str | os.PathLike, keep: int = 2):
+        self.root = Path(run_dir) / "checkpoints"
+        self.keep = max(1, keep)
+
+    def _complete_steps(self) -> list[int]:
+        if not self.root.is_dir():
+            return []
+        steps = []
+        for p in self.root.iterdir():
+            m = STEP_DIR.match(p.name)
+            if m and (p / "state.json").is_file():
+                steps.append(int(m.group(1)))
+        return sorted(steps)
+
+    def latest_step(self) -> int | None:
+        ptr = self.root / "latest"
+        if ptr.is_file():
+            try:
+                info = read_json(ptr)
+                if (self.root / info["dir"] / "state.json").is_file():
+                    return int(info["step"])
+            except (ValueError, KeyError, TypeError):
+                pass
+        steps = self._complete_steps()
+        return steps[-1] if steps else None
+
+    def step_dir(self, step: int) -> Path:
+        return self.root / f"step_{step:06d}"
+
+    def save(self, step: int, tensors: dict[str, dict[str, torch.Tensor]], state: dict[str, Any]) -> Path:
+        """Write `tensors[name]` to `name.safetensors` and `state` to state.json, atomically."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        final = self.step_dir(step)
+        tmp = make_temp_dir(self.root, f".tmp_step_{step}_")
+        try:
+            for name, tdict in tensors.items():
+                save_tensors(tmp / f"{name}.safetensors", tdict)
+            atomic_write_json(tmp / "state.json", {"step": step, **state})
+            replace_dir(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        atomic_write_json(self.root / "latest", {"step": step, "dir": final.name})
+        for old in self._complete_steps()[: -self.keep]:
+            shutil.rmtree(self.step_dir(old), ignore_errors=True)
+        for p in self.root.glob(".tmp_step_*"):  # leftovers of a crash during an earlier save
+            shutil.rmtree(p, ignore_errors=True)
+        return final
+
+    def load(self, step: int | None = None, device="cpu") -> tuple[dict[str, dict[str, torch.Tensor]], dict]:
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {self.root}")
+        d = self.step_dir(step)
+        state = read_json(d / "state.json")
+        tensors = {p.stem: load_tensors(p, device) for p in d.glob("*.safetensors")}
+        return tensors, state
+
+
+# ------------------------------------------------------------------------------------ optimizer state
+def flatten_optimizer_state(sd: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """Split an optimizer state dict into tensors (for safetensors) and JSON-able metadata."""
+    tensors, scalars = {}, {}
+    for pid, st in sd["state"].items():
+        for k, v in st.items():
+            key = f"{pid}\x1f{k}"
+            if isinstance(v, torch.Tensor):
+                tensors[f"state.{pid}.{k}"] = v
+                scalars[key] = {"tensor": f"state.{pid}.{k}"}
+            else:
+                scalars[key] = {"value": v}
+    return tensors, {"param_groups": sd["param_groups"], "entries": scalars}
+
+
+def unflatten_optimizer_state(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state: dict = {}
+    for key, e in meta["entries"].items():
+        pid, k = key.split("\x1f", 1)
+        pid_key: Any = int(pid) if pid.lstrip("-").isdigit() else pid
+        state.setdefault(pid_key, {})[k] = tensors[e["tensor"]] if "tensor" in e else e["value"]
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+# ------------------------------------------------------------------------------------------ RNG state
+def capture_rng() -> tuple[dict[str, torch.Tensor], dict]:
+    tensors = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        tensors["torch_cuda"] = torch.cuda.get_rng_state()
+    py = random.getstate()
+    np_state = np.random.get_state()
+    meta = {
+        "python": [py[0], list(py[1]), py[2]],
+        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+    }
+    return tensors, meta
+
+
+def restore_rng(tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    torch.set_rng_state(tensors["torch_cpu"].to(torch.uint8))
+    if "torch_cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["torch_cuda"].to(torch.uint8))
+    py = meta["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    n = meta["numpy"]
+    np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), n[2], n[3], n[4]))

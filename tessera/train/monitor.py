@@ -1,0 +1,183 @@
+"""What every long job shows and records: a progress bar, JSONL metrics, TensorBoard, and a run budget.
+
+- `MetricsLogger` appends one JSON object per line to `metrics.jsonl` (flushed each time, so a crash loses
+  nothing already logged) and mirrors numbers to TensorBoard when it is installed. On resume it drops the
+  records past the checkpoint's step, so the file never holds two histories.
+- `Progress` is a tqdm bar with the step, the losses, a throughput and an ETA that accounts for
+  `--max-minutes` as well as `--max-steps`.
+- `RunBudget` ends a run at `--max-steps` or `--max-minutes`, whichever comes first, or on SIGINT/SIGTERM;
+  under torchrun the ranks agree on the decision, so none is left waiting in a collective.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from tessera.storage import atomic_write_text
+from tessera.train.distributed import all_reduce
+
+
+def progress_bar(*args, **kwargs) -> tqdm:
+    """A tqdm bar that redraws at most every 10 s when stderr is not a terminal (CI logs, pipes)."""
+    import sys
+
+    if not sys.stderr.isatty():
+        kwargs.setdefault("mininterval", 10.0)
+    kwargs.setdefault("dynamic_ncols", True)
+    return tqdm(*args, **kwargs)
+
+
+class MetricsLogger:
+    def __init__(self, run_dir: str | os.PathLike, enabled: bool = True, tensorboard: bool = True,
+                 resume_step: int | None = None):
+        self.enabled = enabled
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self._tb = None
+        if not enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if resume_step is not None and self.path.exists():
+            keep = []
+            for line in self.path.read_text(encoding="utf-8").splitlines():
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line cut by a crash
+                if rec.get("step", 0) <= resume_step:
+                    keep.append(line)
+            atomic_write_text(self.path, "".join(x + "\n" for x in keep))
+        elif resume_step is None and self.path.exists():
+            self.path.unlink()
+        self._f = open(self.path, "a", encoding="utf-8")
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(str(Path(run_dir) / "tb"), purge_step=resume_step)
+            except Exception:  # tensorboard not installed
+                self._tb = None
+
+    def log(self, step: int, **metrics) -> None:
+        if not self.enabled:
+            return
+        rec = {"step": int(step), "time": round(time.time(), 3)}
+        for k, v in metrics.items():
+            if isinstance(v, torch.Tensor):
+                v = v.item() if v.numel() == 1 else v.tolist()
+            if isinstance(v, float) and not math.isfinite(v):
+                v = str(v)  # JSON has no NaN/Inf; keep the fact visible
+            rec[k] = v
+        self._f.write(json.dumps(rec) + "\n")
+        self._f.flush()
+        if self._tb is not None:
+            for k, v in rec.items():
+                if k not in ("step", "time") and isinstance(v, (int, float)) and not isinstance(v, bool):
+                    self._tb.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        if self.enabled:
+            self._f.close()
+            if self._tb is not None:
+                self._tb.close()
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict]:
+    out = []
+    p = Path(path)
+    if p.is_dir():
+        p = p / "metrics.jsonl"
+    if not p.exists():
+        return out
+    for line in p.read_text(encoding="utf-8").splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            pass
+    return out
+
+
+class RunBudget:
+    """Stop at max_steps or max_minutes (this invocation's wall time), or when a signal asks."""
+
+    def __init__(self, max_steps: int | None = None, max_minutes: float | None = None, handle_signals: bool = True):
+        self.max_steps = max_steps
+        self.max_minutes = max_minutes
+        self.start = time.monotonic()
+        self.signal_received: int | None = None
+        self.reason: str | None = None
+        if handle_signals:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                try:
+                    signal.signal(sig, self._on_signal)
+                except ValueError:  # not in the main thread
+                    pass
+
+    def _on_signal(self, signum, frame):
+        if self.signal_received is not None:  # second signal: stop now
+            raise KeyboardInterrupt
+        self.signal_received = signum
+        print(f"\n[tessera] signal {signum} received: saving a checkpoint and stopping (send again to abort)")
+
+    @property
+    def elapsed(self) -> float:
+        return time.monotonic() - self.start
+
+    def seconds_left(self) -> float | None:
+        return None if self.max_minutes is None else max(0.0, self.max_minutes * 60 - self.elapsed)
+
+    def should_stop(self, step: int) -> bool:
+        """Agreed across ranks; sets `reason` to max_steps, max_minutes or signal."""
+        code = 0
+        if self.max_steps is not None and step >= self.max_steps:
+            code = 1
+        elif self.signal_received is not None:
+            code = 3
+        elif self.max_minutes is not None and self.elapsed >= self.max_minutes * 60:
+            code = 2
+        t = all_reduce(torch.tensor([code], dtype=torch.int64), op="max")
+        code = int(t.item())
+        if code:
+            self.reason = {1: "max_steps", 2: "max_minutes", 3: "signal"}[code]
+        return bool(code)
+
+
+class Progress:
+    """tqdm bar over steps, with losses and throughput in the postfix and a budget-aware ETA."""
+
+    def __init__(self, budget: RunBudget, start_step: int = 0, desc: str = "train", unit: str = "step",
+                 enabled: bool = True):
+        self.budget = budget
+        self.bar = progress_bar(total=budget.max_steps, initial=start_step, desc=desc, unit=unit,
+                                disable=not enabled, smoothing=0.1)
+        self.step = start_step
+        self.t0 = time.monotonic()
+        self.s0 = start_step
+
+    def update(self, step: int, **postfix) -> None:
+        self.bar.update(step - self.step)
+        self.step = step
+        rate = (step - self.s0) / max(1e-9, time.monotonic() - self.t0)
+        eta = []
+        if self.budget.max_steps is not None and rate > 0:
+            eta.append((self.budget.max_steps - step) / rate)
+        left = self.budget.seconds_left()
+        if left is not None:
+            eta.append(left)
+        fmt = {k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in postfix.items()}
+        if eta:
+            fmt["eta"] = time.strftime("%H:%M:%S", time.gmtime(min(eta)))
+        self.bar.set_postfix(fmt, refresh=False)
+
+    def write(self, msg: str) -> None:
+        self.bar.write(msg)
+
+    def close(self) -> None:
+        self.bar.close()

@@ -1,0 +1,83 @@
+"""The codec protocol: what the multimodal tokenizer needs from an image or audio codec.
+
+A codec turns a tensor into integer codes and back, and states the facts the vocabulary layout needs.
+
+    image codec:  encode(images (B, 3, H, W) float in [0, 1]) -> codes (B, H/f, W/f) int64
+                  decode(codes (B, h, w)) -> images (B, 3, h*f, w*f) float in [0, 1]
+    audio codec:  encode(waveform (B, T) float, sample_rate) -> codes (B, n_q, frames) int64
+                  decode(codes (B, k, frames), n_q=None) -> waveform (B, frames * hop) at info.sample_rate
+
+`ImageCodec` and `AudioCodec` implement it with neural nets; `tests/fixtures.py` implements it with
+arithmetic, so the span logic can be tested without training anything.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Protocol, runtime_checkable
+
+import torch
+
+
+@dataclass(frozen=True)
+class CodecInfo:
+    kind: str  # "image" or "audio"
+    codebook_size: int  # codes per level
+    levels: int = 1  # residual levels (audio); 1 for images
+    downsample: int = 1  # image: pixels per code along a side; audio: samples per frame (hop length)
+    sample_rate: int = 0  # audio: the codec's rate in Hz; 0 for images
+    default_size: tuple[int, int] | None = None  # image: (H, W) in pixels used when none is asked for
+    max_size: int = 0  # image: the longest side, in pixels, the tokenizer resizes larger images to; 0: none
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["default_size"] = list(self.default_size) if self.default_size else None
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "CodecInfo":
+        d = dict(d)
+        if d.get("default_size") is not None:
+            d["default_size"] = tuple(int(x) for x in d["default_size"])
+        return cls(**d)
+
+    @property
+    def frame_rate(self) -> float:
+        """Audio frames per second."""
+        return self.sample_rate / self.downsample if self.kind == "audio" else 0.0
+
+
+@runtime_checkable
+class ImageCodecLike(Protocol):
+    info: CodecInfo
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor: ...
+
+    def decode(self, codes: torch.Tensor) -> torch.Tensor: ...
+
+
+@runtime_checkable
+class AudioCodecLike(Protocol):
+    info: CodecInfo
+
+    def encode(self, waveform: torch.Tensor, sample_rate: int) -> torch.Tensor: ...
+
+    def decode(self, codes: torch.Tensor, n_q: int | None = None) -> torch.Tensor: ...
+
+
+def fit_image_size(width: int, height: int, factor: int, max_side: int = 0) -> tuple[int, int]:
+    """The (width, height) an image is resized to before encoding.
+
+    Each side becomes a multiple of `factor` (rounded to the nearest, at least one code); if `max_side` is
+    set, the image is first scaled down, keeping its aspect ratio, so its longer side is at most `max_side`.
+    """
+    if width <= 0 or height <= 0:
+        raise ValueError(f"image size {width}x{height} is empty")
+    scale = 1.0
+    if max_side and max(width, height) > max_side:
+        scale = max_side / max(width, height)
+    w = max(factor, int(round(width * scale / factor)) * factor)
+    h = max(factor, int(round(height * scale / factor)) * factor)
+    if max_side:
+        w, h = min(w, max_side // factor * factor), min(h, max_side // factor * factor)
+    return w, h

@@ -1,0 +1,60 @@
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+# Tests run on CPU with few threads; keep them from oversubscribing small machines.
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+sys.path.insert(0, str(Path(__file__).parent))
+
+import torch  # noqa: E402
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+MIXED_TEXT = [
+    "a drawing of the digit seven",
+    "what digit is this? it is 7.",
+    "Съешь же ещё этих мягких французских булок",
+    "日本語のテキストと中文文本混在",
+    "Ελληνικά κείμενα και αριθμοί 1234567890",
+    "مرحبا بالعالم",
+    "emoji 😀🚀🎉 👍🏽 🇯🇵 ❤️",
+    "हिन्दी पाठ",
+    "tabs\tand  double  spaces",
+]
+
+
+@pytest.fixture(scope="session")
+def text_dir(tmp_path_factory):
+    """A small SentencePiece model trained on mixed-script text."""
+    from tessera.unimodal.text import TextTrainConfig, train_text_tokenizer
+
+    d = tmp_path_factory.mktemp("text")
+    corpus = d / "corpus.txt"
+    corpus.write_text("\n".join(MIXED_TEXT * 40) + "\n", encoding="utf-8")
+    train_text_tokenizer([corpus], d / "tok", TextTrainConfig(vocab_size=400), progress=False)
+    return d / "tok"
+
+
+@pytest.fixture(scope="session")
+def fixture_tokenizer(text_dir):
+    """A multimodal tokenizer over the deterministic fixture codecs."""
+    from fixtures import FrameLevelAudioCodec, PatchMeanImageCodec
+
+    from tessera.tokenizers import MultimodalTokenizer, VocabLayout
+    from tessera.unimodal.text import TextTokenizer
+
+    text = TextTokenizer.load(text_dir)
+    img, aud = PatchMeanImageCodec(), FrameLevelAudioCodec()
+    layout = VocabLayout(
+        text_size=text.vocab_size,
+        image_codebook_size=img.info.codebook_size,
+        audio_codebook_size=aud.info.codebook_size,
+        audio_levels=aud.info.levels,
+        max_grid=16,
+        n_reserved=8,
+    )
+    return MultimodalTokenizer(layout, text, img, aud)

@@ -1,0 +1,99 @@
+import json
+import os
+
+import pytest
+import torch
+
+from tessera.config import ConfigError, apply_overrides, from_dict, to_dict
+from tessera.train.checkpoint import (CheckpointManager, capture_rng, flatten_optimizer_state, restore_rng,
+                                      unflatten_optimizer_state)
+from tessera.train.monitor import MetricsLogger, RunBudget, read_metrics
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Cfg:
+    dim: int = 8
+    lr: float = 1e-3
+    strides: list[int] = field(default_factory=lambda: [8, 5])
+    name: str = "x"
+    flag: bool = False
+    maybe: int | None = None
+
+
+def test_overrides_are_typed_and_unknown_keys_refused():
+    c = apply_overrides(Cfg(), ["dim=16", "lr=3e-4", "strides=8,5,4,2", "flag=true", "maybe=none"])
+    assert (c.dim, c.lr, c.strides, c.flag, c.maybe) == (16, 3e-4, [8, 5, 4, 2], True, None)
+    assert apply_overrides(Cfg(), ["strides=[2,2]"]).strides == [2, 2]
+    with pytest.raises(ConfigError, match="no key 'dimm'; valid keys: dim, flag"):
+        apply_overrides(Cfg(), ["dimm=3"])
+    with pytest.raises(ConfigError, match="expected an integer"):
+        apply_overrides(Cfg(), ["dim=3.5"])
+    with pytest.raises(ConfigError, match="unknown key"):
+        from_dict(Cfg, {"dim": 3, "bogus": 1})
+    assert from_dict(Cfg, to_dict(c)) == c
+
+
+def test_checkpoint_round_trip_and_atomic_latest(tmp_path):
+    m = CheckpointManager(tmp_path, keep=2)
+    assert m.latest_step() is None
+    lin = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(lin.parameters(), lr=0.1)
+    lin(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    t, meta = flatten_optimizer_state(opt.state_dict())
+    for step in (10, 20, 30):
+        m.save(step, {"model": lin.state_dict(), "optimizer": t}, {"optimizer": meta, "x": step})
+    assert m.latest_step() == 30
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest", "step_000020", "step_000030"]
+    tensors, state = m.load()
+    assert state["x"] == 30 and torch.equal(tensors["model"]["weight"], lin.weight)
+    opt2 = torch.optim.AdamW(torch.nn.Linear(3, 2).parameters(), lr=0.1)
+    opt2.load_state_dict(unflatten_optimizer_state(tensors["optimizer"], state["optimizer"]))
+    assert torch.equal(opt2.state_dict()["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
+
+
+def test_a_crash_mid_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    m = CheckpointManager(tmp_path)
+    m.save(1, {"model": {"w": torch.ones(2)}}, {})
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    import tessera.train.checkpoint as ck
+
+    monkeypatch.setattr(ck, "atomic_write_json", boom)
+    with pytest.raises(OSError):
+        m.save(2, {"model": {"w": torch.zeros(2)}}, {})
+    monkeypatch.undo()
+    assert m.latest_step() == 1
+    assert torch.equal(m.load()[0]["model"]["w"], torch.ones(2))
+    assert not list((tmp_path / "checkpoints").glob(".tmp*"))
+
+
+def test_rng_capture_restore():
+    t, meta = capture_rng()
+    a = (torch.rand(3), __import__("random").random(), __import__("numpy").random.rand())
+    restore_rng(t, json.loads(json.dumps(meta)))
+    b = (torch.rand(3), __import__("random").random(), __import__("numpy").random.rand())
+    assert torch.equal(a[0], b[0]) and a[1:] == b[1:]
+
+
+def test_metrics_resume_drops_later_records(tmp_path):
+    log = MetricsLogger(tmp_path, tensorboard=False)
+    for s in range(1, 6):
+        log.log(s, loss=1.0 / s, nan=float("nan"))
+    log.close()
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3, 4, 5]
+    assert read_metrics(tmp_path)[0]["nan"] == "nan"
+    log = MetricsLogger(tmp_path, tensorboard=False, resume_step=3)
+    log.log(4, loss=0.0)
+    log.close()
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3, 4]
+
+
+def test_budget():
+    b = RunBudget(max_steps=5, handle_signals=False)
+    assert not b.should_stop(4) and b.should_stop(5) and b.reason == "max_steps"
+    b = RunBudget(max_minutes=0.0, handle_signals=False)
+    assert b.should_stop(0) and b.reason == "max_minutes"
