@@ -1,0 +1,224 @@
+"""The tessera decoder: one Llama-style transformer over the unified text/image/audio vocabulary.
+
+Architecture choices, and why:
+- RMSNorm pre-norm, rotary positions (rotate-half layout), SwiGLU MLP, no biases: the Llama recipe, so a
+  trained model exports 1:1 to HF transformers (Llama, or Qwen3 when QK-norm is on).
+- Grouped-query attention (n_kv_heads < n_heads) shrinks the KV cache for long image/audio spans.
+- QK-norm: RMSNorm over each head's queries and keys before RoPE. Chameleon found early-fusion models
+  diverge without it as image-token logits grow; it is on by default. The optional z-loss (its other half)
+  is a training term in `tessera.train`.
+- Packed training rows hold several documents: `doc_ids` keeps attention inside each document and
+  `positions` restart at every document start, so a packed row trains exactly like separate documents.
+- The embedding table has one row per id of the padded vocabulary (a multiple of 128).
+- The model knows nothing of DDP/FSDP, activation checkpointing or compile: `tessera.train.parallel`
+  applies those from outside (torchtitan's rule). Q/K/V and gate/up projections are fused into single
+  matmuls; the HF export splits them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from tessera.config import preset as _preset
+from tessera.model.attention import attention
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 0  # rows of the embedding table; set from the tokenizer bundle's padded vocabulary
+    dim: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int = 0  # 0: same as n_heads (multi-head attention)
+    ffn_dim: int = 0  # 0: 8/3 * dim rounded up to a multiple of 64
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    qk_norm: bool = True
+    tie_embeddings: bool = False
+    max_seq_len: int = 2048
+    attn_backend: str = "sdpa"  # sdpa | flex | flash
+    init_std: float = 0.02
+
+    def __post_init__(self):
+        if self.n_kv_heads == 0:
+            self.n_kv_heads = self.n_heads
+        if self.ffn_dim == 0:
+            self.ffn_dim = 64 * math.ceil(8 * self.dim / 3 / 64)
+        if self.dim % self.n_heads:
+            raise ValueError(f"dim {self.dim} is not divisible by n_heads {self.n_heads}")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}")
+        if (self.dim // self.n_heads) % 2:
+            raise ValueError("head_dim must be even for rotary embeddings")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+
+MODEL_PRESETS = {
+    "tiny": ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=512),
+    "demo": ModelConfig(dim=256, n_layers=4, n_heads=4, n_kv_heads=2, max_seq_len=512),
+    "small": ModelConfig(dim=768, n_layers=12, n_heads=12, n_kv_heads=4, max_seq_len=2048),
+    "1b": ModelConfig(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, ffn_dim=8192, rope_theta=500000.0,
+                      max_seq_len=4096),
+    "7b": ModelConfig(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_dim=14336, rope_theta=500000.0,
+                      max_seq_len=4096),
+}
+
+
+def model_preset(name: str) -> ModelConfig:
+    return _preset(MODEL_PRESETS, name, "model")
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # Normalize in fp32, scale in the input dtype (as HF Llama does, for exact export parity).
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+    def reset_parameters(self):
+        nn.init.ones_(self.weight)
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """positions (B, T) -> cos, sin (B, T, 1, head_dim) in the rotate-half layout."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.int64).float() / head_dim))
+    freqs = positions.float()[..., None] * inv_freq  # (B, T, hd/2)
+    emb = torch.cat([freqs, freqs], dim=-1)[:, :, None, :]
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x, cos, sin):
+    """x (B, T, H, hd): rotate each pair (x_i, x_{i+hd/2}) by its position's angle."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.backend = cfg.attn_backend
+        self.wqkv = nn.Linear(cfg.dim, (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim, bias=False)
+        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
+
+    def forward(self, x, cos, sin, doc_ids=None, cache=None, layer: int = 0):
+        B, T, _ = x.shape
+        hq, hk, hd = self.n_heads, self.n_kv_heads, self.head_dim
+        q, k, v = self.wqkv(x).split([hq * hd, hk * hd, hk * hd], dim=-1)
+        q, k, v = q.view(B, T, hq, hd), k.view(B, T, hk, hd), v.view(B, T, hk, hd)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, hd)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)
+            y = attention(q, k, v, mask=cache.mask)
+        else:
+            y = attention(q, k, v, doc_ids=doc_ids, backend=self.backend)
+        return self.wo(y.transpose(1, 2).reshape(B, T, hq * hd))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.w13 = nn.Linear(cfg.dim, 2 * cfg.ffn_dim, bias=False)  # gate and up, fused
+        self.w2 = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
+
+    def forward(self, x):
+        gate, up = self.w13(x).chunk(2, dim=-1)
+        return self.w2(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attention = Attention(cfg)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.feed_forward = FeedForward(cfg)
+
+    def forward(self, x, cos, sin, doc_ids=None, cache=None, layer: int = 0):
+        x = x + self.attention(self.attention_norm(x), cos, sin, doc_ids, cache, layer)
+        return x + self.feed_forward(self.ffn_norm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        if cfg.vocab_size <= 0:
+            raise ValueError("ModelConfig.vocab_size must be set (the bundle's padded vocabulary size)")
+        self.cfg = cfg
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self, seed: int | None = None):
+        """Normal(0, std) everywhere; residual output projections scaled by 1/sqrt(2 * n_layers) (GPT-2)."""
+        g = None
+        if seed is not None:
+            g = torch.Generator(device="cpu").manual_seed(seed)
+        std = self.cfg.init_std
+        for name, p in self.named_parameters():
+            if p.dim() == 1:
+                nn.init.ones_(p)
+                continue
+            s = std / math.sqrt(2 * self.cfg.n_layers) if name.endswith(("wo.weight", "w2.weight")) else std
+            if g is None:
+                nn.init.normal_(p, 0.0, s)
+            else:  # seeded on CPU, then copied: identical weights on every device and rank
+                p.copy_(torch.randn(p.shape, generator=g) * s)
+
+    def forward(
+        self,
+        idx: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        doc_ids: torch.Tensor | None = None,
+        cache=None,
+        logits_to_keep: int = 0,
+    ) -> torch.Tensor:
+        """idx (B, T) -> logits (B, T, vocab) (the last `logits_to_keep` positions when it is > 0)."""
+        B, T = idx.shape
+        if positions is None:
+            start = cache.length if cache is not None else 0
+            positions = torch.arange(start, start + T, device=idx.device)[None].expand(B, T)
+        h = self.tok_embeddings(idx)
+        cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, h.dtype)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, cos, sin, doc_ids, cache, i)
+        if cache is not None:
+            cache.advance(T)
+        if logits_to_keep:
+            h = h[:, -logits_to_keep:]
+        return self.output(self.norm(h))
+
+    # ------------------------------------------------------------------------------------ accounting
+    def num_params(self, exclude_embeddings: bool = True) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if exclude_embeddings and not self.cfg.tie_embeddings:
+            n -= self.tok_embeddings.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token: 6 N (matmuls, forward and backward) + 12 L d T (attention), PaLM's count."""
+        c = self.cfg
+        return 6 * self.num_params(exclude_embeddings=True) + 12 * c.n_layers * c.dim * seq_len

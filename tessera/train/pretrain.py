@@ -1,0 +1,481 @@
+"""Pretrain the decoder on token shards.
+
+    # one process (CPU or one GPU)
+    python -m tessera.train.pretrain --preset demo --tokenizer tok/bundle --data shards/ --out run/
+    # several processes: DDP by default, FSDP2 with --fsdp
+    torchrun --nproc_per_node=8 -m tessera.train.pretrain --preset 1b --tokenizer tok/bundle --data shards/ \\
+        --out run/ --set seq_len=4096 --set batch_size=4 --compile
+    # continue an interrupted run from its latest checkpoint
+    python -m tessera.train.pretrain ... --out run/ --resume
+
+`tessera train ...` takes the same arguments. Overrides: `--set key=value` for training keys and
+`--set model.key=value` for model keys; an unknown key is an error.
+
+Every step: the loss is summed over all target tokens of the global batch (all ranks, all micro-steps) and
+divided by their global count, so the result does not depend on how the batch is split across processes.
+Logged (metrics.jsonl, TensorBoard, progress bar): loss in total and per modality, z-loss, lr, grad norm,
+tokens/s, MFU. A step whose loss or gradient is NaN/Inf is skipped and counted; `max_nan_skips` in a row
+stop the run with the last good checkpoint kept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from tessera.config import ConfigError, apply_overrides, from_dict, to_dict
+from tessera.errors import TesseraError
+from tessera.model.transformer import ModelConfig, Transformer, model_preset
+from tessera.storage import atomic_write_json, read_json, save_tensors
+from tessera.tokenizers.bundle import read_bundle_spec
+from tessera.tokenizers.layout import MODALITIES, VocabLayout
+from tessera.train.checkpoint import (CheckpointManager, capture_rng, flatten_optimizer_state, restore_rng,
+                                      unflatten_optimizer_state)
+from tessera.train.distributed import all_reduce, barrier, destroy_distributed, init_distributed
+from tessera.train.loader import IGNORE, LoaderConfig, PackedLoader, parse_mix
+from tessera.train.mfu import peak_flops
+from tessera.train.monitor import MetricsLogger, Progress, RunBudget
+from tessera.train.parallel import (full_model_state, full_optimizer_state, load_full_model_state,
+                                    load_full_optimizer_state, parallelize, unwrap)
+from tessera.train.shards import read_manifest
+
+RUN_FORMAT = "tessera-run"
+RUN_VERSION = 1
+
+
+@dataclass
+class TrainConfig:
+    seq_len: int = 512
+    batch_size: int = 8  # windows per rank per micro-step
+    grad_accum: int = 1
+    steps: int = 0  # length of the LR schedule; 0: --max-steps (or 1000 without it)
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 50
+    schedule: str = "cosine"  # cosine | wsd | constant
+    decay_fraction: float = 0.2  # wsd: the last fraction of steps decays linearly
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    z_loss: float = 1e-4
+    dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
+    seed: int = 0
+    cond_dropout: float = 0.1
+    mix: str = ""  # "source=weight,..."; empty: sources in proportion to their documents
+    log_every: int = 10
+    eval_every: int = 0  # 0: only at the end
+    eval_batches: int = 50
+    ckpt_every: int = 200
+    keep_checkpoints: int = 2
+    max_nan_skips: int = 5
+    fsdp: bool = False
+    compile: bool = False
+    activation_checkpointing: bool = False
+
+
+# --------------------------------------------------------------------------------------------- loss
+def token_losses(logits: torch.Tensor, targets: torch.Tensor, modality: torch.Tensor, z_loss: float = 0.0) -> dict:
+    """Sums (not means) over the target tokens of a micro-batch: CE, z-loss, and CE/counts per modality."""
+    V = logits.shape[-1]
+    flat, tgt = logits.reshape(-1, V).float(), targets.reshape(-1)
+    valid = tgt != IGNORE
+    ce = F.cross_entropy(flat, tgt.clamp(min=0), reduction="none") * valid
+    out = {"ce": ce.sum(), "count": valid.sum()}
+    if z_loss:
+        out["z"] = (torch.logsumexp(flat, dim=-1).pow(2) * valid).sum()
+    mod = torch.where(valid, modality[tgt.clamp(min=0)], len(MODALITIES))
+    out["ce_mod"] = torch.zeros(len(MODALITIES) + 1, device=ce.device).index_add_(0, mod, ce.detach())[:-1]
+    out["n_mod"] = torch.bincount(mod, minlength=len(MODALITIES) + 1)[:-1]
+    return out
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return cfg.lr
+    lo = cfg.lr * cfg.min_lr_ratio
+    if cfg.schedule == "cosine":
+        p = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
+        return lo + (cfg.lr - lo) * 0.5 * (1 + math.cos(math.pi * p))
+    if cfg.schedule == "wsd":
+        decay_start = int(cfg.steps * (1 - cfg.decay_fraction))
+        if step < decay_start:
+            return cfg.lr
+        p = min(1.0, (step - decay_start) / max(1, cfg.steps - decay_start))
+        return cfg.lr + (lo - cfg.lr) * p
+    raise ConfigError(f"unknown schedule {cfg.schedule!r}: cosine, wsd or constant")
+
+
+def compute_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
+    if cfg.dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    return {"bf16": torch.bfloat16, "fp32": torch.float32}[cfg.dtype]
+
+
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.dim() < 2 or "tok_embeddings" in name else decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8, fused=True)
+
+
+# ------------------------------------------------------------------------------------------- evaluate
+@torch.no_grad()
+def evaluate(model, shards, layout: VocabLayout, seq_len: int, batch_size: int, max_batches: int, env,
+             dtype: torch.dtype) -> dict:
+    """Mean loss per modality over held-out shards (one sequential pass, at most `max_batches`)."""
+    model.eval()
+    loader = PackedLoader(shards, LoaderConfig(seq_len=seq_len, batch_size=batch_size), layout,
+                          rank=env.rank, world_size=env.world_size, sequential=True)
+    modality = torch.as_tensor(layout.modality_table(), device=env.device)
+    sums = torch.zeros(2 + 2 * len(MODALITIES), dtype=torch.float64, device=env.device)
+    for i, b in enumerate(loader):
+        if i >= max_batches:
+            break
+        b = {k: v.to(env.device) for k, v in b.items()}
+        with torch.autocast(env.device.type, dtype=dtype, enabled=dtype != torch.float32):
+            logits = model(b["input_ids"], b["positions"], b["doc_ids"])
+        r = token_losses(logits, b["targets"], modality)
+        sums += torch.cat([r["ce"][None], r["count"][None], r["ce_mod"], r["n_mod"]]).double()
+    all_reduce(sums)
+    model.train()
+    n = len(MODALITIES)
+    out = {"eval_loss": (sums[0] / sums[1]).item() if sums[1] > 0 else float("nan"), "eval_tokens": int(sums[1])}
+    for i, m in enumerate(MODALITIES):
+        if sums[2 + n + i] > 0:
+            out[f"eval_loss_{m}"] = (sums[2 + i] / sums[2 + n + i]).item()
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- setup
+class RunError(TesseraError):
+    pass
+
+
+def _parse_overrides(items: list[str]) -> tuple[list[str], list[str]]:
+    model, train = [], []
+    for item in items or []:
+        (model if item.startswith("model.") else train).append(item[len("model."):] if item.startswith("model.") else item)
+    return model, train
+
+
+def prepare_run(args, env) -> tuple[ModelConfig, TrainConfig, dict, bool]:
+    """Resolve configs, check the bundle against the data and any existing run; returns (model cfg, train
+    cfg, bundle spec, resuming)."""
+    out = Path(args.out)
+    spec = read_bundle_spec(args.tokenizer)
+    layout = VocabLayout.from_dict(spec["layout"])
+    manifest = read_manifest(args.data)
+    if not manifest.get("complete"):
+        raise RunError(f"{args.data}: pretokenization did not finish; run `tessera data pretokenize` again to resume")
+    if manifest["tokenizer_hash"] != spec["hash"]:
+        raise RunError(
+            f"{args.data} was tokenized with bundle {manifest['tokenizer_hash'][:12]}, but --tokenizer {args.tokenizer} "
+            f"is {spec['hash'][:12]}"
+        )
+    if args.eval_data:
+        em = read_manifest(args.eval_data)
+        if em["tokenizer_hash"] != spec["hash"]:
+            raise RunError(f"{args.eval_data} was tokenized with another bundle than {args.tokenizer}")
+    model_over, train_over = _parse_overrides(args.set)
+    has_ckpt = CheckpointManager(out).latest_step() is not None
+    resuming = False
+    if (out / "config.json").exists():
+        run = read_json(out / "config.json")
+        if run.get("tokenizer_hash") != spec["hash"]:
+            raise RunError(f"{out} was trained with bundle {str(run.get('tokenizer_hash'))[:12]}; this bundle is "
+                           f"{spec['hash'][:12]}: the embedding rows would not mean the same ids")
+        if has_ckpt and not args.resume:
+            raise RunError(f"{out} already holds a run with checkpoints; pass --resume to continue it, or use a new --out")
+        if has_ckpt:
+            resuming = True
+            mcfg = from_dict(ModelConfig, run["model"])
+            tcfg = apply_overrides(from_dict(TrainConfig, run["train"]), train_over)
+            if model_over:
+                raise RunError("model overrides cannot change a run being resumed")
+    if not resuming:
+        mcfg = apply_overrides(model_preset(args.preset), model_over)
+        mcfg.vocab_size = layout.padded_vocab_size
+        mcfg = from_dict(ModelConfig, to_dict(mcfg))  # re-validate after overrides
+        tcfg = apply_overrides(TrainConfig(), train_over)
+    if not resuming and tcfg.steps == 0:
+        tcfg.steps = args.max_steps or 1000
+    if args.fsdp:
+        tcfg.fsdp = True
+    if args.compile:
+        tcfg.compile = True
+    if tcfg.seq_len > mcfg.max_seq_len:
+        raise ConfigError(f"seq_len {tcfg.seq_len} exceeds the model's max_seq_len {mcfg.max_seq_len}")
+    if mcfg.vocab_size != layout.padded_vocab_size:
+        raise RunError(f"the model has {mcfg.vocab_size} embedding rows but the bundle's vocabulary needs "
+                       f"{layout.padded_vocab_size}")
+    parse_mix(tcfg.mix)  # fail early on a bad --mix
+    return mcfg, tcfg, spec, resuming
+
+
+def write_run_files(out: Path, mcfg: ModelConfig, tcfg: TrainConfig, spec: dict, args) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    if not (out / "tokenizer" / "tokenizer.json").exists():
+        tmp = out / ".tokenizer.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(args.tokenizer, tmp)
+        os.replace(tmp, out / "tokenizer")
+    atomic_write_json(out / "config.json", {
+        "format": RUN_FORMAT, "version": RUN_VERSION, "model": to_dict(mcfg), "train": to_dict(tcfg),
+        "tokenizer_hash": spec["hash"], "layout": spec["layout"],
+        "data": str(Path(args.data).resolve()), "eval_data": str(Path(args.eval_data).resolve()) if args.eval_data else None,
+    })
+
+
+def save_inference_weights(out: Path, model) -> None:
+    save_tensors(out / "model.safetensors", full_model_state(model), metadata={"format": "pt"})
+
+
+# ----------------------------------------------------------------------------------------------- train
+def train(args) -> dict:
+    env = init_distributed(args.device)
+    if env.device.type == "cpu":
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", env.world_size))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+    try:
+        return _train(args, env)
+    finally:
+        destroy_distributed()
+
+
+def _train(args, env) -> dict:
+    out = Path(args.out)
+    mcfg, tcfg, spec, resuming = prepare_run(args, env)
+    layout = VocabLayout.from_dict(spec["layout"])
+    if env.is_main:
+        write_run_files(out, mcfg, tcfg, spec, args)
+    barrier()
+    dtype = compute_dtype(tcfg, env.device)
+    torch.manual_seed(tcfg.seed)
+    if tcfg.fsdp:
+        with torch.device("meta"):
+            model = Transformer(mcfg)
+        model = parallelize(model, env, fsdp=True, compile=tcfg.compile,
+                            activation_checkpointing=tcfg.activation_checkpointing,
+                            param_dtype=dtype if dtype != torch.float32 else None)
+        model.to_empty(device=env.device)
+        unwrap(model).init_weights()
+        autocast_dtype = torch.float32  # FSDP's mixed-precision policy casts instead of autocast
+    else:
+        model = Transformer(mcfg)
+        model.init_weights(seed=tcfg.seed)
+        model.to(env.device)
+        model = parallelize(model, env, compile=tcfg.compile, activation_checkpointing=tcfg.activation_checkpointing)
+        autocast_dtype = dtype
+    core = unwrap(model)
+    optimizer = build_optimizer(model, tcfg, env.device)
+    loader = PackedLoader(args.data, LoaderConfig(seq_len=tcfg.seq_len, batch_size=tcfg.batch_size, seed=tcfg.seed,
+                                                  mix=parse_mix(tcfg.mix) or None, cond_dropout=tcfg.cond_dropout),
+                          layout, rank=env.rank, world_size=env.world_size)
+    ckpt = CheckpointManager(out, keep=tcfg.keep_checkpoints)
+    step, nan_skips, tokens_seen = 0, 0, 0
+    if resuming:
+        tensors, state = ckpt.load(device="cpu")
+        load_full_model_state(model, tensors["model"])
+        load_full_optimizer_state(model, optimizer,
+                                  unflatten_optimizer_state(tensors["optimizer"], state["optimizer"]))
+        loader.load_state_dict(state["loader"])
+        restore_rng(tensors["rng"], state["rng"])
+        step, nan_skips, tokens_seen = state["step"], state["nan_skips"], state["tokens_seen"]
+        if env.is_main:
+            print(f"[tessera] resumed {out} at step {step}")
+    for g in optimizer.param_groups:
+        g["lr"] = lr_at(step, tcfg)
+
+    budget = RunBudget(args.max_steps if args.max_steps is not None else tcfg.steps, args.max_minutes)
+    metrics = MetricsLogger(out, enabled=env.is_main, resume_step=step if resuming else None)
+    progress = Progress(budget, start_step=step, desc="pretrain", unit="step", enabled=env.is_main)
+    modality = torch.as_tensor(layout.modality_table(), device=env.device)
+    flops_per_token = core.flops_per_token(tcfg.seq_len)
+    peak, peak_src = peak_flops(env.device, dtype)
+    if env.is_main:
+        print(f"[tessera] {core.num_params(False) / 1e6:.2f}M parameters ({core.num_params() / 1e6:.2f}M without "
+              f"embeddings), {env.world_size} process(es) on {env.device}, {dtype}, "
+              f"global batch {tcfg.batch_size * tcfg.grad_accum * env.world_size} x {tcfg.seq_len} tokens")
+
+    def save_checkpoint():
+        # Every rank takes part in gathering the full state; only rank 0 receives it and writes.
+        model_sd = full_model_state(model)
+        opt_sd = full_optimizer_state(model, optimizer)
+        if env.is_main:
+            opt_t, opt_meta = flatten_optimizer_state(opt_sd)
+            rng_t, rng_meta = capture_rng()
+            ckpt.save(step, {"model": model_sd, "optimizer": opt_t, "rng": rng_t}, {
+                "optimizer": opt_meta, "rng": rng_meta, "loader": loader.state_dict(), "nan_skips": nan_skips,
+                "tokens_seen": tokens_seen, "train": to_dict(tcfg),
+            })
+            save_tensors(out / "model.safetensors", model_sd, metadata={"format": "pt"})
+        barrier()
+
+    window = {"ce": 0.0, "count": 0, "z": 0.0, "ce_mod": torch.zeros(len(MODALITIES), dtype=torch.float64),
+              "n_mod": torch.zeros(len(MODALITIES), dtype=torch.float64), "tokens": 0, "t0": time.perf_counter(),
+              "steps": 0}
+    consecutive_nan = 0
+    last_eval: dict = {}
+    stop_error = None
+    model.train()
+    while not budget.should_stop(step):
+        batches = [loader.next_batch() for _ in range(tcfg.grad_accum)]
+        batches = [{k: v.to(env.device, non_blocking=True) for k, v in b.items()} for b in batches]
+        n_tokens = torch.tensor([sum(int((b["targets"] != IGNORE).sum()) for b in batches)], device=env.device)
+        global_count = max(1, int(all_reduce(n_tokens.clone()).item()))
+        sums = torch.zeros(3 + 2 * len(MODALITIES), dtype=torch.float64, device=env.device)
+        for i, b in enumerate(batches):
+            last = i == len(batches) - 1
+            sync = contextlib.nullcontext()
+            if not last and env.is_distributed:
+                if tcfg.fsdp:
+                    model.set_requires_gradient_sync(False)
+                else:
+                    sync = model.no_sync()
+            elif last and tcfg.fsdp:
+                model.set_requires_gradient_sync(True)
+            with sync:
+                with torch.autocast(env.device.type, dtype=autocast_dtype, enabled=autocast_dtype != torch.float32):
+                    logits = model(b["input_ids"], b["positions"], b["doc_ids"])
+                r = token_losses(logits, b["targets"], modality, tcfg.z_loss)
+                loss = r["ce"] + tcfg.z_loss * r.get("z", 0.0)
+                # DDP/FSDP average gradients over ranks; scale so the result is sum / global count.
+                (loss * env.world_size / global_count).backward()
+            sums += torch.cat([r["ce"].detach()[None], r.get("z", torch.zeros(())).detach()[None],
+                               r["count"][None], r["ce_mod"], r["n_mod"]]).double()
+        all_reduce(sums)
+        step_loss = (sums[0] / max(1.0, sums[2].item())).item()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
+        if hasattr(grad_norm, "full_tensor"):
+            grad_norm = grad_norm.full_tensor()
+        grad_norm = float(grad_norm)
+        step += 1
+        tokens_seen += sum(b["input_ids"].numel() for b in batches) * env.world_size
+        if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):
+            optimizer.zero_grad(set_to_none=True)
+            nan_skips += 1
+            consecutive_nan += 1
+            metrics.log(step, nan_skip=1, loss=step_loss, grad_norm=grad_norm, nan_skips=nan_skips)
+            progress.write(f"[tessera] step {step}: non-finite loss or gradient, step skipped ({consecutive_nan} in a row)")
+            if consecutive_nan >= tcfg.max_nan_skips:
+                stop_error = (f"{consecutive_nan} non-finite steps in a row at step {step}; stopping. The last good "
+                              f"checkpoint ({ckpt.latest_step()}) is kept; lower lr or check the data.")
+                break
+            for g in optimizer.param_groups:
+                g["lr"] = lr_at(step, tcfg)
+            continue
+        consecutive_nan = 0
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        for g in optimizer.param_groups:
+            g["lr"] = lr_at(step, tcfg)
+
+        window["ce"] += sums[0].item()
+        window["z"] += sums[1].item()
+        window["count"] += sums[2].item()
+        window["ce_mod"] += sums[3 : 3 + len(MODALITIES)].cpu()
+        window["n_mod"] += sums[3 + len(MODALITIES):].cpu()
+        window["tokens"] += sum(b["input_ids"].numel() for b in batches) * env.world_size
+        window["steps"] += 1
+        if step % tcfg.log_every == 0 or budget.should_stop(step):
+            dt = time.perf_counter() - window["t0"]
+            tps = window["tokens"] / dt
+            rec = {"loss": window["ce"] / max(1, window["count"]), "lr": optimizer.param_groups[0]["lr"],
+                   "grad_norm": grad_norm, "tokens_per_sec": tps, "tokens_seen": tokens_seen,
+                   "mfu": flops_per_token * tps / (peak * env.world_size) if peak else None}
+            if tcfg.z_loss:
+                rec["z_loss"] = window["z"] / max(1, window["count"])
+            for i, m in enumerate(MODALITIES):
+                if window["n_mod"][i] > 0:
+                    rec[f"loss_{m}"] = (window["ce_mod"][i] / window["n_mod"][i]).item()
+            if nan_skips:
+                rec["nan_skips"] = nan_skips
+            metrics.log(step, **rec)
+            progress.update(step, loss=rec["loss"], lr=rec["lr"], tok_s=f"{tps:.0f}",
+                            **({"mfu": f"{100 * rec['mfu']:.1f}%"} if rec["mfu"] else {}))
+            window.update(ce=0.0, z=0.0, count=0, tokens=0, steps=0, t0=time.perf_counter())
+            window["ce_mod"].zero_()
+            window["n_mod"].zero_()
+        else:
+            progress.update(step)
+        if args.eval_data and tcfg.eval_every and step % tcfg.eval_every == 0:
+            last_eval = evaluate(model, args.eval_data, layout, tcfg.seq_len, tcfg.batch_size, tcfg.eval_batches, env,
+                                 autocast_dtype)
+            metrics.log(step, **last_eval)
+            progress.write(f"[tessera] step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in last_eval.items()))
+            window["t0"] = time.perf_counter()
+        if tcfg.ckpt_every and step % tcfg.ckpt_every == 0:
+            save_checkpoint()
+            window["t0"] = time.perf_counter()  # throughput counts training time only
+    progress.close()
+    if stop_error:
+        metrics.close()
+        raise RunError(stop_error)
+    if ckpt.latest_step() != step:
+        save_checkpoint()
+    if args.eval_data:
+        last_eval = evaluate(model, args.eval_data, layout, tcfg.seq_len, tcfg.batch_size, tcfg.eval_batches, env,
+                             autocast_dtype)
+        metrics.log(step, **last_eval)
+    metrics.close()
+    summary = {"step": step, "stopped_by": budget.reason, "seconds": round(budget.elapsed, 1),
+               "tokens_seen": tokens_seen, "nan_skips": nan_skips, **last_eval}
+    if env.is_main:
+        print(f"[tessera] stopped at step {step} ({budget.reason}) after {budget.elapsed:.0f}s; "
+              + ", ".join(f"{k} {v:.4g}" for k, v in last_eval.items()))
+    return summary
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+def add_pretrain_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", default="demo", help="model preset: tiny, demo, small, 1b, 7b")
+    p.add_argument("--tokenizer", required=True, metavar="BUNDLE")
+    p.add_argument("--data", required=True, metavar="SHARDS")
+    p.add_argument("--eval-data", metavar="SHARDS", help="held-out shards for periodic per-modality loss")
+    p.add_argument("--out", required=True, metavar="RUN")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    p.add_argument("--max-steps", type=int, help="stop after this many steps (also the LR schedule's length)")
+    p.add_argument("--max-minutes", type=float, help="stop after this much wall time (this invocation)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a training key (lr=1e-3) or a model key (model.dim=512)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda")
+    p.add_argument("--fsdp", action="store_true", help="shard with FSDP2 instead of DDP (torchrun)")
+    p.add_argument("--compile", action="store_true", help="torch.compile each block")
+
+
+def run_pretrain(args) -> int:
+    train(args)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m tessera.train.pretrain", description=__doc__.split("\n\n")[0])
+    add_pretrain_arguments(p)
+    args = p.parse_args(argv)
+    try:
+        return run_pretrain(args)
+    except (TesseraError, FileNotFoundError) as e:
+        if os.environ.get("TESSERA_DEBUG"):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,125 @@
+"""The trainer: run directory, per-modality logging, exact resume, DDP equivalence, NaN handling."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tessera.tokenizers import build_bundle
+from tessera.train import pretrain
+from tessera.train.monitor import read_metrics
+from tessera.train.pretokenize import PretokenizeConfig, pretokenize
+
+WORDS = ["seven", "eight", "digit", "a", "the", "drawing", "of", "is", "what", "this"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory, text_dir):
+    import random
+
+    d = tmp_path_factory.mktemp("pre")
+    rng = random.Random(0)
+    with open(d / "docs.jsonl", "w") as f:
+        for _ in range(300):
+            f.write(json.dumps({"segments": [{"text": " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 30)))}],
+                                "source": rng.choice(["a", "b"])}) + "\n")
+    build_bundle(d / "bundle", text_dir)
+    pretokenize(d / "bundle", [d / "docs.jsonl"], d / "shards", PretokenizeConfig(workers=1, docs_per_shard=100),
+                progress=False)
+    return d
+
+
+def args(corpus, out, *extra):
+    return ["--preset", "tiny", "--tokenizer", str(corpus / "bundle"), "--data", str(corpus / "shards"),
+            "--out", str(out), "--set", "seq_len=64", "--set", "batch_size=2", "--set", "log_every=1",
+            "--set", "warmup_steps=2", "--set", "eval_batches=2", "--device", "cpu", *extra]
+
+
+def losses(run):
+    return [(r["step"], r["loss"]) for r in read_metrics(run) if "loss" in r and "nan_skip" not in r]
+
+
+def test_training_writes_a_run(corpus, tmp_path):
+    assert pretrain.main(args(corpus, tmp_path / "run", "--max-steps", "12", "--eval-data", str(corpus / "shards"))) == 0
+    run = tmp_path / "run"
+    for f in ("config.json", "model.safetensors", "tokenizer/tokenizer.json", "checkpoints/latest", "metrics.jsonl"):
+        assert (run / f).exists(), f
+    recs = read_metrics(run)
+    steps = [r for r in recs if "loss" in r]
+    assert [r["step"] for r in steps] == list(range(1, 13))
+    for k in ("loss_text", "lr", "grad_norm", "tokens_per_sec", "mfu", "z_loss"):
+        assert k in steps[-1], k
+    assert "eval_loss_text" in recs[-1]
+    assert steps[-1]["loss"] < steps[0]["loss"]
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["model"]["vocab_size"] % 128 == 0 and cfg["tokenizer_hash"]
+
+
+def test_exact_resume(corpus, tmp_path):
+    straight = tmp_path / "straight"
+    pretrain.main(args(corpus, straight, "--max-steps", "8"))
+    split = tmp_path / "split"
+    pretrain.main(args(corpus, split, "--set", "steps=8", "--max-steps", "4"))
+    assert pretrain.main(args(corpus, split, "--max-steps", "8")) == 2  # refuses to overwrite without --resume
+    pretrain.main(args(corpus, split, "--resume", "--max-steps", "8"))
+    assert losses(straight) == losses(split)  # bit-identical per-step losses
+    assert len(losses(split)) == 8
+
+
+def test_gradient_accumulation_matches_a_larger_batch(corpus, tmp_path):
+    pretrain.main(args(corpus, tmp_path / "big", "--max-steps", "4", "--set", "batch_size=4"))
+    pretrain.main(args(corpus, tmp_path / "acc", "--max-steps", "4", "--set", "batch_size=2", "--set", "grad_accum=2"))
+    for (s1, a), (s2, b) in zip(losses(tmp_path / "big"), losses(tmp_path / "acc")):
+        assert s1 == s2 and a == pytest.approx(b, rel=1e-5)
+
+
+def test_two_processes_under_torchrun_match_one(corpus, tmp_path):
+    """DDP over gloo through the real torchrun entry point, same global batch as one process."""
+    pretrain.main(args(corpus, tmp_path / "one", "--max-steps", "4", "--set", "batch_size=4"))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+           "-m", "tessera.train.pretrain", *args(corpus, tmp_path / "two", "--max-steps", "4", "--set", "batch_size=2")]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert len(two) == 4
+    for (s1, a), (s2, b) in zip(one, two):
+        assert s1 == s2 and a == pytest.approx(b, rel=1e-5)
+
+
+def test_nan_steps_are_skipped_then_stop_the_run(corpus, tmp_path, monkeypatch, capsys):
+    real = pretrain.token_losses
+    calls = {"n": 0}
+
+    def flaky(*a, **k):
+        calls["n"] += 1
+        r = real(*a, **k)
+        if calls["n"] in (3,) or calls["n"] >= 6:
+            r["ce"] = r["ce"] * float("nan")
+        return r
+
+    monkeypatch.setattr(pretrain, "token_losses", flaky)
+    rc = pretrain.main(args(corpus, tmp_path / "nan", "--max-steps", "20", "--set", "max_nan_skips=3",
+                            "--set", "ckpt_every=2"))
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "3 non-finite steps in a row" in err and "last good checkpoint (4)" in err
+    recs = read_metrics(tmp_path / "nan")
+    assert sum(1 for r in recs if r.get("nan_skip")) == 4
+
+
+def test_mismatched_bundle_is_refused(corpus, tmp_path, text_dir, capsys):
+    other = tmp_path / "other"
+    build_bundle(other, text_dir, max_grid=8)  # same text, different layout -> different hash
+    rc = pretrain.main(["--preset", "tiny", "--tokenizer", str(other), "--data", str(corpus / "shards"),
+                        "--out", str(tmp_path / "r")])
+    assert rc == 2 and "was tokenized with bundle" in capsys.readouterr().err
+
+
+def test_unknown_override_is_an_error(corpus, tmp_path, capsys):
+    assert pretrain.main(args(corpus, tmp_path / "r", "--set", "lrr=1")) == 2
+    assert "no key 'lrr'" in capsys.readouterr().err
+    assert pretrain.main(args(corpus, tmp_path / "r", "--set", "model.dimm=1")) == 2
