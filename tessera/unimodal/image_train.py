@@ -29,6 +29,7 @@ OUT/train_summary.json.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 import os
 import time
@@ -177,8 +178,13 @@ def lr_factor(step: int, frac: float, cfg: ImageTrainConfig) -> float:
     return warm * max(0.0, (1.0 - frac) / cfg.cooldown)
 
 
-def _unwrap(m: nn.Module) -> nn.Module:
-    return m.module if hasattr(m, "module") else m
+def state_checksum(module: nn.Module) -> str:
+    """sha256 over a module's state (parameters and buffers, sorted by name)."""
+    h = hashlib.sha256()
+    for k, v in sorted(module.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 # -------------------------------------------------------------------------------------------- training
@@ -461,9 +467,15 @@ def _train(env, data, out: Path, preset_name, overrides, eval_data, max_steps, m
     for p, (reason, msg) in sorted(bad.items()):
         skips.add(reason, msg)
     skips.merge(eval_skips)
+    # Every rank must end with the same weights and the same codebook (DDP + the quantizer's own sync).
+    sums_by_rank = all_gather_object({"model": state_checksum(model), "quantizer": state_checksum(model.quantizer)})
+    in_sync = all(c == sums_by_rank[0] for c in sums_by_rank)
+    if main and not in_sync:
+        print("warning: model or codebook state differs across ranks; this is a bug, please report it")
     summary = {"step": step, "stopped_by": budget.reason, "minutes": round(budget.elapsed / 60, 2),
                "preset": preset_name, "eval": last_eval_res, "skipped": skips.to_dict(),
-               "train_files": len(train_files), "eval_files": len(eval_files), "split": split_how}
+               "train_files": len(train_files), "eval_files": len(eval_files), "split": split_how,
+               "world_size": env.world_size, "ranks_in_sync": in_sync, "rank_checksums": sums_by_rank}
     if main:
         atomic_write_json(out / "train_summary.json", summary)
         metrics.close()
