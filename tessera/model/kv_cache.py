@@ -25,6 +25,7 @@ class KVCache:
         self.length = 0
         self.static = static
         self.mask: torch.Tensor | None = None  # (B, 1, T, S) for the step in progress
+        self.write_slots: torch.Tensor | None = None  # (T,) slots the step in progress writes
         self._slots = torch.arange(max_len, device=device)
 
     @classmethod
@@ -43,13 +44,17 @@ class KVCache:
         q_slot = torch.arange(s, s + n_new, device=self.k.device)
         causal = self._slots[None, :span] <= q_slot[:, None]  # (T, S)
         self.mask = (causal[None] & self.key_valid[:, None, :span])[:, None]  # (B, 1, T, S)
+        self.write_slots = q_slot
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.static:  # tensor-indexed writes: no Python int reaches a compiled graph
+            self.k[layer].index_copy_(2, self.write_slots, k)
+            self.v[layer].index_copy_(2, self.write_slots, v)
+            return self.k[layer], self.v[layer]
         s, n = self.length, k.shape[2]
         self.k[layer, :, :, s : s + n] = k
         self.v[layer, :, :, s : s + n] = v
-        span = self.max_len if self.static else s + n
-        return self.k[layer, :, :, :span], self.v[layer, :, :, :span]
+        return self.k[layer, :, :, : s + n], self.v[layer, :, :, : s + n]
 
     def advance(self, n_new: int) -> None:
         self.length += n_new

@@ -196,17 +196,19 @@ class Transformer(nn.Module):
         cache=None,
         logits_to_keep: int = 0,
     ) -> torch.Tensor:
-        """idx (B, T) -> logits (B, T, vocab) (the last `logits_to_keep` positions when it is > 0)."""
+        """idx (B, T) -> logits (B, T, vocab) (the last `logits_to_keep` positions when it is > 0).
+
+        With a KV cache, the caller brackets the call with `cache.begin(T, valid)` and `cache.advance(T)`.
+        """
         B, T = idx.shape
         if positions is None:
-            start = cache.length if cache is not None else 0
-            positions = torch.arange(start, start + T, device=idx.device)[None].expand(B, T)
+            if cache is not None:
+                raise ValueError("decoding with a KV cache needs explicit positions")
+            positions = torch.arange(T, device=idx.device)[None].expand(B, T)
         h = self.tok_embeddings(idx)
         cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, h.dtype)
         for i, layer in enumerate(self.layers):
             h = layer(h, cos, sin, doc_ids, cache, i)
-        if cache is not None:
-            cache.advance(T)
         if logits_to_keep:
             h = h[:, -logits_to_keep:]
         return self.output(self.norm(h))

@@ -1,0 +1,278 @@
+"""The public API: `tessera.load(run)` -> `Tessera`, which generates, streams and scores.
+
+    m = tessera.load("run/")
+    m.generate(["what digit is this?", Image.open("7.png")], output="text")          # -> ["seven"]
+    m.generate("a drawing of the digit seven", output="image", cfg_scale=3.0, seed=0)  # -> [PIL.Image]
+    m.generate("say seven", output="audio")                                          # -> [tessera.Audio]
+    m.generate([["draw 1"], ["draw 2"]], output="image")     # a list of prompts (lists): one batch
+    for piece in m.stream("describe", output="any"): ...   # text pieces as decoded, media as spans close
+    m.score("what digit is this?", " seven")                  # summed log-probability of the continuation
+
+A prompt is a str, a PIL image, a `tessera.Audio`, or a list of them; a batch is a list of such lists.
+Outputs are lists of segments: str, PIL.Image.Image, tessera.Audio.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from tessera.config import from_dict
+from tessera.errors import TesseraError
+from tessera.model.constrained import AUDIO, CODES, TEXT, FSMConfig, SpanFSM
+from tessera.model.generate import SamplingConfig, decode
+from tessera.model.transformer import ModelConfig, Transformer
+from tessera.storage import load_tensors, read_json
+from tessera.tokenizers.bundle import load_bundle
+from tessera.tokenizers.multimodal import MultimodalTokenizer
+from tessera.unimodal.media import Audio
+
+OUTPUTS = ("text", "image", "audio", "any")
+
+
+class LoadError(TesseraError):
+    pass
+
+
+def _is_segment(x) -> bool:
+    return isinstance(x, (str, Image.Image, Audio))
+
+
+class Tessera:
+    """A trained decoder with its tokenizer bundle."""
+
+    def __init__(self, model: Transformer, tokenizer: MultimodalTokenizer, run_dir: Path | None = None):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.run_dir = run_dir
+        self.device = next(model.parameters()).device
+        self.fsm = SpanFSM(tokenizer.layout, tokenizer.eos_id, device=self.device)
+        self._step_fn = None
+
+    # ------------------------------------------------------------------------------------- loading
+    @classmethod
+    def load(cls, run_dir: str | Path, device=None, dtype=None, compile: bool = False) -> "Tessera":
+        run = Path(run_dir)
+        cfg_path, weights = run / "config.json", run / "model.safetensors"
+        if not cfg_path.is_file():
+            raise LoadError(f"{run} is not a tessera run: config.json is missing")
+        if not weights.is_file():
+            raise LoadError(f"{run} has no model.safetensors (has training reached its first checkpoint?)")
+        config = read_json(cfg_path)
+        if config.get("format") != "tessera-run":
+            raise LoadError(f"{cfg_path}: not a tessera run config")
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = torch.device(device)
+        if dtype is None:
+            dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        tokenizer = load_bundle(run / "tokenizer", device=device)
+        if tokenizer.bundle_hash != config["tokenizer_hash"]:
+            raise LoadError(f"{run}: the model was trained with bundle {config['tokenizer_hash'][:12]} but "
+                            f"{run / 'tokenizer'} is {tokenizer.bundle_hash[:12]}")
+        mcfg = from_dict(ModelConfig, config["model"])
+        if mcfg.vocab_size != tokenizer.layout.padded_vocab_size:
+            raise LoadError(f"{run}: the model has {mcfg.vocab_size} embedding rows, the bundle needs "
+                            f"{tokenizer.layout.padded_vocab_size}")
+        with torch.device("meta"):
+            model = Transformer(mcfg)
+        state = load_tensors(weights, device=str(device))
+        missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+        missing = [k for k in missing if not (mcfg.tie_embeddings and k == "output.weight")]
+        if missing or unexpected:
+            raise LoadError(f"{weights}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        if mcfg.tie_embeddings:
+            model.output.weight = model.tok_embeddings.weight
+        model.to(device=device, dtype=dtype)
+        m = cls(model, tokenizer, run)
+        if compile:
+            m.compile()
+        return m
+
+    def compile(self) -> None:
+        """Compile the decode step (with a static KV cache); on CUDA, captured as CUDA graphs."""
+        mode = "reduce-overhead" if self.device.type == "cuda" else None
+        compiled = torch.compile(self.model, mode=mode, dynamic=False)
+        self._step_fn = lambda ids, pos, cache: compiled(ids, pos, cache=cache)
+
+    # ------------------------------------------------------------------------------------- prompts
+    def _prompt_ids(self, prompt) -> list[int]:
+        segs = [prompt] if _is_segment(prompt) else list(prompt)
+        for s in segs:
+            if not _is_segment(s):
+                raise TypeError(f"a prompt segment must be str, PIL.Image.Image or tessera.Audio, not {type(s).__name__}")
+        return self.tokenizer.encode(segs, bos=True)
+
+    def _plan(self, output: str, max_new_tokens, image_size, max_audio_seconds):
+        """(suffix ids after the prompt, FSM config, start state, remaining codes, budget)."""
+        L, tok = self.tokenizer.layout, self.tokenizer
+        if output not in OUTPUTS:
+            raise ValueError(f"output must be one of {OUTPUTS}, not {output!r}")
+        if output == "text":
+            return [], FSMConfig(), TEXT, 0, max_new_tokens or 64
+        if output == "image":
+            if tok.image_codec is None:
+                raise TesseraError("this model's tokenizer has no image codec")
+            info = tok.image_codec.info
+            size = tuple(image_size) if image_size is not None else info.default_size
+            if size is None:
+                raise TesseraError("give image_size=(H, W): the image codec has no default size")
+            f = info.downsample
+            if size[0] % f or size[1] % f:
+                raise ValueError(f"image_size {size} must be multiples of the codec's factor {f}")
+            h, w = size[0] // f, size[1] // f
+            if max(h, w) > L.max_grid:
+                raise ValueError(f"image_size {size} needs a {h}x{w} grid; the vocabulary allows {L.max_grid} per side")
+            return [L.boi, L.h_token(h), L.w_token(w)], FSMConfig(stop_after_span=True), CODES, h * w, h * w + 1
+        if output == "audio":
+            if tok.audio_codec is None:
+                raise TesseraError("this model's tokenizer has no audio codec")
+            info = tok.audio_codec.info
+            seconds = 10.0 if max_audio_seconds is None else max_audio_seconds
+            frames = max(1, math.ceil(seconds * info.frame_rate))
+            budget = max_new_tokens or frames * L.audio_levels + 1
+            if budget < L.audio_levels + 1:
+                raise ValueError(f"max_new_tokens {budget} cannot hold one audio frame ({L.audio_levels} codes) and <eoa>")
+            return [L.boa], FSMConfig(stop_after_span=True, max_audio_frames=frames), AUDIO, 0, budget
+        frames = 0
+        if max_audio_seconds is not None and tok.audio_codec is not None:
+            frames = max(1, math.ceil(max_audio_seconds * tok.audio_codec.info.frame_rate))
+        max_grid = 0
+        if tok.image_codec is not None and tok.image_codec.info.max_size:
+            max_grid = tok.image_codec.info.max_size // tok.image_codec.info.downsample
+        cfg = FSMConfig(allow_image=L.has_image, allow_audio=L.has_audio, max_grid=max_grid, max_audio_frames=frames)
+        return [], cfg, TEXT, 0, max_new_tokens or 256
+
+    # ------------------------------------------------------------------------------------ generate
+    def _tokens(self, prompts, output, max_new_tokens, temperature, top_k, top_p, cfg_scale, seed, image_size,
+                max_audio_seconds):
+        suffix, fsm_cfg, start, remaining, budget = self._plan(output, max_new_tokens, image_size, max_audio_seconds)
+        ids = [self._prompt_ids(p) + suffix for p in prompts]
+        uncond = None
+        if cfg_scale != 1.0:
+            if output not in ("image", "audio"):
+                raise ValueError("cfg_scale applies to output='image' or 'audio'")
+            # the prompt with its conditioning dropped, as the loader's conditioning dropout trains it
+            uncond = [[self.tokenizer.bos_id] + suffix for _ in prompts]
+        gen = decode(self.model, ids, self.fsm, fsm_cfg, start_state=start, max_new_tokens=budget,
+                     sampling=SamplingConfig(temperature, top_k, top_p), pad_id=self.tokenizer.pad_id, seed=seed,
+                     start_remaining=remaining, cfg_scale=cfg_scale, uncond_prompts=uncond, step_fn=self._step_fn,
+                     static_cache=self._step_fn is not None)
+        return suffix, gen
+
+    def generate_ids(self, prompt, *, output="text", max_new_tokens=None, temperature=1.0, top_k=0, top_p=1.0,
+                     cfg_scale=1.0, seed=None, image_size=None, max_audio_seconds=None) -> list[list[int]]:
+        """The generated ids of each prompt (including the span opener for image/audio outputs)."""
+        prompts, _ = self._batch(prompt)
+        suffix, gen = self._tokens(prompts, output, max_new_tokens, temperature, top_k, top_p, cfg_scale, seed,
+                                   image_size, max_audio_seconds)
+        steps = [t.cpu() for t in gen]
+        out = torch.stack(steps, 1).tolist() if steps else [[] for _ in prompts]
+        result = []
+        for row in out:
+            ids = []
+            for t in row:
+                if t == self.tokenizer.pad_id:
+                    break
+                ids.append(t)
+                if t == self.tokenizer.eos_id:
+                    break
+            result.append(suffix + ids)
+        return result
+
+    def _batch(self, prompt) -> tuple[list, bool]:
+        if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(p, (list, tuple)) for p in prompt):
+            return list(prompt), True
+        return [prompt], False
+
+    def generate(self, prompt, *, output: str = "text", max_new_tokens: int | None = None, temperature: float = 1.0,
+                 top_k: int = 0, top_p: float = 1.0, cfg_scale: float = 1.0, seed: int | None = None,
+                 image_size: tuple[int, int] | None = None, max_audio_seconds: float | None = None):
+        """Generate from one prompt (-> list of segments) or a batch of prompts (-> one list per prompt).
+
+        output: "text", "image" (exactly one image of `image_size` pixels, default the codec's), "audio" (one
+        clip of at most `max_audio_seconds`, default 10), or "any" (the model chooses when to open spans).
+        temperature 0 is greedy; top_k / top_p filter the distribution; cfg_scale > 1 applies classifier-free
+        guidance inside image/audio spans. The same seed gives the same output.
+        """
+        _, batched = self._batch(prompt)
+        ids = self.generate_ids(prompt, output=output, max_new_tokens=max_new_tokens, temperature=temperature,
+                                top_k=top_k, top_p=top_p, cfg_scale=cfg_scale, seed=seed, image_size=image_size,
+                                max_audio_seconds=max_audio_seconds)
+        outs = [self.tokenizer.decode(row, strict=True) for row in ids]
+        return outs if batched else outs[0]
+
+    def stream(self, prompt, *, output: str = "text", max_new_tokens: int | None = None, temperature: float = 1.0,
+               top_k: int = 0, top_p: float = 1.0, cfg_scale: float = 1.0, seed: int | None = None,
+               image_size=None, max_audio_seconds=None) -> Iterator:
+        """Yield text pieces as they are decoded, and each image or audio clip as its span closes."""
+        if not (_is_segment(prompt) or all(_is_segment(s) for s in prompt)):
+            raise ValueError("stream takes one prompt, not a batch")
+        suffix, gen = self._tokens([prompt], output, max_new_tokens, temperature, top_k, top_p, cfg_scale, seed,
+                                   image_size, max_audio_seconds)
+        L, tok = self.tokenizer.layout, self.tokenizer
+        text_ids: list[int] = []
+        sent = 0
+        span: list[int] = list(suffix)
+        closers = (L.eoi, L.eoa)
+        for t in gen:
+            t = int(t[0])
+            if t == tok.pad_id or t == tok.eos_id:
+                break
+            if not span and t in (L.boi, L.boa):  # a span opens: flush the text before it
+                s = tok.text.decode(text_ids)
+                if len(s) > sent:
+                    yield s[sent:]
+                text_ids, sent, span = [], 0, [t]
+                continue
+            if span:
+                span.append(t)
+                if t in closers:
+                    yield from tok.decode(span, strict=True)
+                    span = []
+                continue
+            text_ids.append(t)
+            s = tok.text.decode(text_ids)
+            if not s.endswith("\ufffd") and len(s) > sent:  # hold back an incomplete UTF-8 sequence
+                yield s[sent:]
+                sent = len(s)
+        s = tok.text.decode(text_ids) if text_ids else ""
+        if len(s) > sent:
+            yield s[sent:]
+
+    # --------------------------------------------------------------------------------------- score
+    @torch.no_grad()
+    def score(self, prompt, continuation) -> float:
+        """Summed log-probability (natural log) of the continuation's tokens after the prompt."""
+        p = self._prompt_ids(prompt)
+        cont = [continuation] if _is_segment(continuation) else list(continuation)
+        c = self.tokenizer.encode(cont)
+        if not c:
+            return 0.0
+        ids = torch.as_tensor([p + c], device=self.device)
+        logits = self.model(ids[:, :-1]).float()
+        logp = logits[0, len(p) - 1:].log_softmax(-1)
+        target = ids[0, len(p):]
+        return float(logp.gather(-1, target[:, None]).sum())
+
+
+def load(run_dir: str | Path, device=None, dtype=None, compile: bool = False) -> Tessera:
+    """Load a trained run (its model.safetensors and tokenizer bundle) for generation."""
+    return Tessera.load(run_dir, device=device, dtype=dtype, compile=compile)
+
+
+def random_model(tokenizer: MultimodalTokenizer, preset: str = "tiny", seed: int = 0, **overrides) -> Tessera:
+    """A randomly initialized model over a tokenizer (for tests, fuzzing and benchmarks)."""
+    from tessera.model.transformer import model_preset
+
+    cfg = model_preset(preset)
+    cfg.vocab_size = tokenizer.layout.padded_vocab_size
+    for k, v in overrides.items():
+        setattr(cfg, k, v)
+    model = Transformer(cfg)
+    model.init_weights(seed=seed)
+    return Tessera(model, tokenizer)

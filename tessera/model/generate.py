@@ -1,0 +1,118 @@
+"""The decoding loop: batched prompts, a preallocated KV cache, constrained sampling and CFG.
+
+`decode(...)` is a generator that yields one token per row per step; `tessera.Tessera.generate` and
+`.stream` are built on it. Prompts of different lengths are left-padded: padded slots are masked out of
+attention and positions count real tokens only, so a row computes what it would compute alone.
+
+Classifier-free guidance runs the conditional and unconditional prompts as one batch of 2B rows that take
+the same sampled tokens; inside image/audio spans the logits are `uncond + scale * (cond - uncond)`, in text
+they are the conditional ones.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from tessera.model.constrained import DONE, FSMConfig, SpanFSM
+from tessera.model.kv_cache import KVCache
+
+
+@dataclass
+class SamplingConfig:
+    temperature: float = 1.0  # 0: greedy
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0  # 1: off
+
+
+def sample(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | None) -> torch.Tensor:
+    """logits (B, V) with disallowed ids at -inf -> token ids (B,)."""
+    if cfg.temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits / cfg.temperature
+    if cfg.top_k and cfg.top_k < logits.shape[-1]:
+        kth = logits.topk(cfg.top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if cfg.top_p < 1.0:
+        sorted_logits, idx = logits.sort(-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        # drop a token when the mass before it already reaches top_p (the first token always stays)
+        drop = probs.cumsum(-1) - probs >= cfg.top_p
+        logits = logits.scatter(-1, idx, sorted_logits.masked_fill(drop, float("-inf")))
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ids (B, T), valid (B, T) and positions (B, T) for left-padded prompts."""
+    T = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), T), pad_id, dtype=torch.long)
+    valid = torch.zeros(len(prompts), T, dtype=torch.bool)
+    for i, p in enumerate(prompts):
+        if p:
+            ids[i, T - len(p):] = torch.as_tensor(p, dtype=torch.long)
+            valid[i, T - len(p):] = True
+    positions = (valid.long().cumsum(1) - 1).clamp(min=0)
+    return ids.to(device), valid.to(device), positions.to(device)
+
+
+@torch.no_grad()
+def decode(
+    model,
+    prompts: list[list[int]],
+    fsm: SpanFSM,
+    fsm_cfg: FSMConfig,
+    *,
+    start_state: int,
+    max_new_tokens: int,
+    sampling: SamplingConfig,
+    pad_id: int,
+    seed: int | None = None,
+    start_remaining: int = 0,
+    cfg_scale: float = 1.0,
+    uncond_prompts: list[list[int]] | None = None,
+    step_fn=None,
+    static_cache: bool = False,
+) -> Iterator[torch.Tensor]:
+    """Yield the next token of every row (B,), step by step, until every row is done or the budget is spent.
+
+    Rows that have finished yield `pad_id`. `step_fn(ids, positions, cache)` may replace the model call of a
+    decode step (e.g. a compiled or CUDA-graph-captured version; it then needs `static_cache=True`).
+    """
+    B = len(prompts)
+    device = next(model.parameters()).device
+    guided = uncond_prompts is not None and cfg_scale != 1.0
+    rows = prompts + (uncond_prompts if guided else [])
+    ids, valid, positions = left_pad(rows, pad_id, device)
+    cache = KVCache.for_model(model, len(rows), ids.shape[1] + max_new_tokens, device=device, static=static_cache)
+    cache.begin(ids.shape[1], valid)
+    logits = model(ids, positions, cache=cache, logits_to_keep=1)[:, -1].float()
+    cache.advance(ids.shape[1])
+    next_pos = positions[:, -1] + 1
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=device).manual_seed(seed)
+    st = fsm.init_state(B, start_state, max_new_tokens, remaining=start_remaining)
+    ones = torch.ones(len(rows), 1, dtype=torch.bool, device=device)
+    for step in range(max_new_tokens):
+        cond = logits[:B]
+        if guided:
+            unc = logits[B:]
+            cond = torch.where(fsm.in_span(st)[:, None], unc + cfg_scale * (cond - unc), cond)
+        cond = cond.masked_fill(~fsm.allowed(st, fsm_cfg), float("-inf"))
+        tok = sample(cond, sampling, generator)
+        tok = torch.where(st["state"] == DONE, pad_id, tok)
+        yield tok
+        st = fsm.advance(st, tok, fsm_cfg)
+        if bool((st["state"] == DONE).all()) or step == max_new_tokens - 1:
+            return
+        feed = torch.cat([tok, tok]) if guided else tok
+        cache.begin(1, ones)
+        if step_fn is not None:
+            logits = step_fn(feed[:, None], next_pos[:, None], cache)[:, -1].float()
+        else:
+            logits = model(feed[:, None], next_pos[:, None], cache=cache)[:, -1].float()
+        cache.advance(1)
+        next_pos = next_pos + 1
