@@ -66,7 +66,13 @@ def destroy_distributed() -> None:
 def all_reduce(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
     """In-place all-reduce when a process group exists; a no-op otherwise."""
     if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}[op])
+        red = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}[op]
+        if t.device.type == "cpu" and dist.get_backend() == "nccl":  # NCCL reduces CUDA tensors only
+            buf = t.cuda()
+            dist.all_reduce(buf, op=red)
+            t.copy_(buf.cpu())
+        else:
+            dist.all_reduce(t, op=red)
     return t
 
 
