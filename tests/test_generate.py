@@ -115,6 +115,15 @@ def test_batched_generation_matches_single_prompts(m, fixture_tokenizer):
         assert batched == single, output
 
 
+def test_per_prompt_seeds_make_sampled_batches_match_single_prompts(m):
+    prompts = [["one"], ["two two"], ["three"]]
+    for output in ("image", "audio"):
+        kw = dict(output=output, temperature=1.0, top_k=20, cfg_scale=2.0, max_audio_seconds=0.2)
+        batched = m.generate_ids(prompts, seed=[5, 6, 7], **kw)
+        single = [m.generate_ids(p, seed=s, **kw)[0] for p, s in zip(prompts, [5, 6, 7])]
+        assert batched == single
+
+
 def test_cfg_changes_only_spans_and_batch_returns_lists(m):
     out = m.generate([["one"], ["two"]], output="image", cfg_scale=4.0, seed=0)
     assert len(out) == 2 and all(isinstance(o[0], Image.Image) for o in out)

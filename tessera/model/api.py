@@ -190,14 +190,15 @@ class Tessera:
         return [prompt], False
 
     def generate(self, prompt, *, output: str = "text", max_new_tokens: int | None = None, temperature: float = 1.0,
-                 top_k: int = 0, top_p: float = 1.0, cfg_scale: float = 1.0, seed: int | None = None,
+                 top_k: int = 0, top_p: float = 1.0, cfg_scale: float = 1.0, seed: int | list[int] | None = None,
                  image_size: tuple[int, int] | None = None, max_audio_seconds: float | None = None):
         """Generate from one prompt (-> list of segments) or a batch of prompts (-> one list per prompt).
 
         output: "text", "image" (exactly one image of `image_size` pixels, default the codec's), "audio" (one
         clip of at most `max_audio_seconds`, default 10), or "any" (the model chooses when to open spans).
         temperature 0 is greedy; top_k / top_p filter the distribution; cfg_scale > 1 applies classifier-free
-        guidance inside image/audio spans. The same seed gives the same output.
+        guidance inside image/audio spans. The same seed gives the same output; for a batch, a list of seeds
+        (one per prompt) makes every prompt sample exactly as it would alone.
         """
         _, batched = self._batch(prompt)
         ids = self.generate_ids(prompt, output=output, max_new_tokens=max_new_tokens, temperature=temperature,

@@ -27,8 +27,12 @@ class SamplingConfig:
     top_p: float = 1.0  # 1: off
 
 
-def sample(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | None) -> torch.Tensor:
-    """logits (B, V) with disallowed ids at -inf -> token ids (B,)."""
+def sample(logits: torch.Tensor, cfg: SamplingConfig, generator) -> torch.Tensor:
+    """logits (B, V) with disallowed ids at -inf -> token ids (B,).
+
+    `generator` is one torch.Generator for the batch, a list of one per row (each row then samples exactly as
+    it would alone), or None (the global RNG).
+    """
     if cfg.temperature <= 0:
         return logits.argmax(-1)
     logits = logits / cfg.temperature
@@ -42,6 +46,8 @@ def sample(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator
         drop = probs.cumsum(-1) - probs >= cfg.top_p
         logits = logits.scatter(-1, idx, sorted_logits.masked_fill(drop, float("-inf")))
     probs = logits.softmax(-1)
+    if isinstance(generator, list):
+        return torch.cat([torch.multinomial(p[None], 1, generator=g)[0] for p, g in zip(probs, generator)])
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
@@ -69,7 +75,7 @@ def decode(
     max_new_tokens: int,
     sampling: SamplingConfig,
     pad_id: int,
-    seed: int | None = None,
+    seed: int | list[int] | None = None,
     start_remaining: int = 0,
     cfg_scale: float = 1.0,
     uncond_prompts: list[list[int]] | None = None,
@@ -92,7 +98,11 @@ def decode(
     cache.advance(ids.shape[1])
     next_pos = positions[:, -1] + 1
     generator = None
-    if seed is not None:
+    if isinstance(seed, (list, tuple)):
+        if len(seed) != B:
+            raise ValueError(f"{len(seed)} seeds for {B} prompts")
+        generator = [torch.Generator(device=device).manual_seed(int(s)) for s in seed]
+    elif seed is not None:
         generator = torch.Generator(device=device).manual_seed(seed)
     st = fsm.init_state(B, start_state, max_new_tokens, remaining=start_remaining)
     ones = torch.ones(len(rows), 1, dtype=torch.bool, device=device)
