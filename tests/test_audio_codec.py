@@ -270,7 +270,7 @@ def test_each_bad_input_kind_has_its_outcome(tmp_path):
 FAST = ["--set", "channels=4", "--set", "max_channels=16", "--set", "dim=16", "--set", "lstm_layers=0",
         "--set", "batch_size=4", "--set", "crop_seconds=0.32", "--set", "init_vectors=256",
         "--set", "eval_clips=3", "--set", "eval_every=2", "--set", "save_every=2", "--set", "log_every=1",
-        "--set", "max_clip_seconds=1.0"]
+        "--set", "max_clip_seconds=1.0", "--set", "ae_warmup_steps=1"]
 
 
 def run_cli(*argv) -> int:

@@ -88,8 +88,13 @@ class AudioTrainConfig:
 
 
 TRAIN_PRESETS: dict[str, AudioTrainConfig] = {
-    "tiny": AudioTrainConfig(batch_size=16, crop_seconds=0.64, lr=2e-3, warmup_steps=30, init_vectors=2048,
-                             quantizer_dropout=0.3, eval_every=250, save_every=250),
+    # Tuned for minutes on two CPU cores (see docs/audio_codec.md): short crops (digit words last ~0.5 s,
+    # and zero padding would make the log-mel loss mostly about silence), no waveform L1 (with phase not yet
+    # learned it pulls the output toward silence), plain Adam betas, and 80 autoencoder warm-up steps so
+    # the k-means init sees trained latents.
+    "tiny": AudioTrainConfig(batch_size=16, crop_seconds=0.48, lr=1e-3, betas=[0.9, 0.999], warmup_steps=30,
+                             wave_weight=0.0, init_vectors=2048, ae_warmup_steps=80, quantizer_dropout=0.3,
+                             eval_every=250, save_every=250),
     "base": AudioTrainConfig(batch_size=32, crop_seconds=1.0, lr=3e-4, warmup_steps=500, init_vectors=16384,
                              discriminator=True, disc_start_step=2000, eval_every=1000, save_every=2000),
 }
@@ -322,7 +327,7 @@ def _train(env, data, out: Path, preset_name, overrides, eval_data, max_steps, m
         tensors, state = ckpt.load(resume_step, device="cpu")
         cfg = from_dict(AudioCodecConfig, state["model_config"]).validate()
         tcfg = from_dict(AudioTrainConfig, state["train_config"])
-        if mover:
+        if apply_overrides(cfg, mover) != cfg:
             raise ConfigError(f"cannot change the model config of a run being resumed: {', '.join(mover)}")
         tcfg = apply_overrides(tcfg, tover)
     else:
