@@ -58,3 +58,23 @@ def fixture_tokenizer(text_dir):
         n_reserved=8,
     )
     return MultimodalTokenizer(layout, text, img, aud)
+
+
+@pytest.fixture(scope="session")
+def codec_bundle(tmp_path_factory, text_dir):
+    """A bundle with real (untrained, tiny) image and audio codecs."""
+    from tessera.tokenizers import build_bundle
+    from tessera.unimodal.audio import AudioCodec, SEANetCodec, audio_codec_config
+    from tessera.unimodal.image import ImageCodec, image_preset
+
+    d = tmp_path_factory.mktemp("codecs")
+    torch.manual_seed(0)
+    ImageCodec(image_preset("tiny")).save(d / "image")
+    audio = SEANetCodec(audio_codec_config("tiny"))
+    audio.train()
+    audio.quantizer.set_dropout(False)
+    with torch.no_grad():  # one training-mode pass runs the quantizer's k-means initialization
+        audio(0.1 * torch.randn(4, 1, 16000))
+    AudioCodec.save_model(audio, d / "audio")
+    build_bundle(d / "bundle", text_dir, d / "image", d / "audio", max_grid=16)
+    return d / "bundle"

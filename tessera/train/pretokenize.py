@@ -7,10 +7,10 @@ with media paths relative to the JSONL file. Each document becomes `<s> ...segme
 with `"loss": false` is context only (its tokens get mask 0). The source (default: the file's stem) feeds
 mixture weights in the loader.
 
-The inputs are cut into chunks of `docs_per_shard` lines; each worker process loads the tokenizer bundle
-once and turns a chunk into one shard, encoding the chunk's images and clips in batches (on CUDA when it is
-available). Shards are written in input order whatever the workers' timing, so the output is the same for
-any number of workers.
+The inputs are cut into chunks of `docs_per_shard` lines; each worker process (one intra-op thread each)
+loads the tokenizer bundle once and turns a chunk into one shard, encoding the chunk's images and clips in
+batches (on CUDA when it is available). Shards are written in input order whatever the workers' timing, so
+the output is the same for any number of workers.
 
 Bad samples (unparseable line, missing or corrupt media, an image smaller than one code, audio that is
 empty, non-finite or longer than `--max-audio-seconds`, an empty document, media the bundle has no codec
@@ -25,13 +25,13 @@ from __future__ import annotations
 
 import json
 import multiprocessing as mp
-import os
 import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from tessera.tokenizers.bundle import read_bundle_spec
 from tessera.tokenizers.layout import MODALITIES, VocabLayout
@@ -78,13 +78,15 @@ def plan_chunks(inputs: list[Path], docs_per_shard: int) -> list[tuple[int, int,
 _W: dict = {}
 
 
-def _init_worker(bundle: str, cfg_dict: dict, inputs: list[str], threads: int) -> None:
+def _init_worker(bundle: str, cfg_dict: dict, inputs: list[str]) -> None:
     import torch
 
     from tessera.tokenizers.bundle import load_bundle
     from tessera.train.distributed import resolve_device
 
-    torch.set_num_threads(max(1, threads))
+    # One thread per worker: parallelism comes from --workers, and the codes do not depend on how many there
+    # are (a different thread count can round a codec's float math differently and flip a code).
+    torch.set_num_threads(1)
     cfg = PretokenizeConfig(**cfg_dict)
     device = resolve_device(cfg.device)
     _W.update(tok=load_bundle(bundle, device=device), cfg=cfg, inputs=[Path(p) for p in inputs])
@@ -248,11 +250,11 @@ def pretokenize(bundle: str | Path, inputs: list[str | Path], out: str | Path,
     skips.merge(manifest["skipped"])
     n_lines = sum(c[2] for c in todo)
     workers = max(1, cfg.workers)
-    threads = max(1, (os.cpu_count() or 1) // workers)
-    init_args = (str(bundle), asdict(cfg), [str(p) for p in paths], threads)
+    init_args = (str(bundle), asdict(cfg), [str(p) for p in paths])
     t0 = time.perf_counter()
     new_tokens = 0
     bar = progress_bar(total=n_lines, desc="pretokenize", unit="doc", disable=not progress)
+    threads = torch.get_num_threads()
     try:
         if workers == 1:
             _init_worker(*init_args)
@@ -290,6 +292,7 @@ def pretokenize(bundle: str | Path, inputs: list[str | Path], out: str | Path,
                             refresh=False)
     finally:
         bar.close()
+        torch.set_num_threads(threads)
         if pool is not None:
             pool.terminate()
     write_source_index(out, manifest)
