@@ -231,10 +231,11 @@ def test_a_training_run_survives_bad_inputs_and_reports_them(tmp_path, capsys):
     make_bad_inputs(tmp_path / "data")
     rc = cli(["tokenizer", "train", "image", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "run"),
               "--max-steps", "6", "--no-progress", "--set", "eval_fraction=0.01",
-              *[a for s in MICRO_SET for a in ("--set", s)]])
+              *[a for s in MICRO_SET for a in ("--set", s)], "--set", "batch_size=5"])
     assert rc == 0
     summary = json.loads((tmp_path / "run" / "train_summary.json").read_text())
-    # every file is seen within 6 steps of 4 images (15 training files); each bad one is counted once
+    # 15 training files (one held out) in epochs of 3 batches of 5: every file is seen twice in 6 steps,
+    # and each bad one is counted once
     assert summary["skipped"]["counts"] == {"corrupt": 2, "too_large": 1, "too_small": 1}
     out = capsys.readouterr().out
     assert "4 skipped: corrupt=2, too_large=1, too_small=1" in out and "exceeds the cap" in out
@@ -275,9 +276,11 @@ def test_training_writes_a_codec_directory_metrics_and_samples(image_data, tmp_p
 
 
 def test_resume_continues_from_the_saved_step_exactly(image_data, tmp_path):
-    common = ["--set", "cooldown=0", "--set", "ckpt_every=4"]
+    # random crops and flips: the data RNG must be restored too
+    common = ["--set", "cooldown=0", "--set", "ckpt_every=4", "--set", "crop_scale=0.5,1", "--set", "flip=true"]
     assert train(image_data, tmp_path / "straight", *common, steps=8) == 0
     assert train(image_data, tmp_path / "split", *common, steps=4) == 0
+    assert train(image_data, tmp_path / "split", "--resume", *common, "--set", "channels=16", steps=8) == 2
     assert train(image_data, tmp_path / "split", "--resume", *common, steps=8) == 0
     summary = json.loads((tmp_path / "split" / "train_summary.json").read_text())
     assert summary["step"] == 8
@@ -343,3 +346,28 @@ def test_the_multimodal_tokenizer_uses_the_trained_codec(image_data, tmp_path, t
     ids = tok.encode(["a drawing", Image.new("RGB", (30, 17), (200, 10, 10))])
     segs = tok.decode(ids)
     assert isinstance(segs[-1], Image.Image) and segs[-1].size == (32, 16)  # sizes rounded to multiples of 8
+
+
+# ------------------------------------------------------------------------------------------------- slow
+def digit_images(out: Path) -> Path:
+    """The digits corpus's images (32 px, every 6th held out), built without the speech part."""
+    from sklearn.datasets import load_digits
+
+    from tessera.eval.digits import digit_image
+
+    digits = load_digits()
+    for i, a in enumerate(digits.images):
+        split = "test" if i % 6 == 5 else "train"
+        (out / split).mkdir(parents=True, exist_ok=True)
+        digit_image(a, 32).save(out / split / f"{i:04d}.png")
+    return out
+
+
+@pytest.mark.slow
+def test_tiny_preset_on_digits_reaches_25_db_in_five_minutes(tmp_path):
+    data = digit_images(tmp_path / "digits")
+    assert cli(["tokenizer", "train", "image", "--data", str(data), "--out", str(tmp_path / "run"),
+                "--preset", "tiny", "--max-minutes", "5", "--no-progress"]) == 0
+    ev = json.loads((tmp_path / "run" / "train_summary.json").read_text())["eval"]
+    assert ev["n_images"] == 299
+    assert ev["psnr"] >= 25.0 and ev["codebook_usage"] >= 0.5, ev

@@ -104,9 +104,10 @@ class ImageTrainConfig:
 
 
 TRAIN_PRESETS: dict[str, ImageTrainConfig] = {
-    # CPU minutes: no GAN (it would double the step time and costs PSNR), a high lr, frequent evals.
-    "tiny": ImageTrainConfig(batch_size=32, lr=2e-3, warmup_steps=50, cooldown=0.3, ssim_weight=0.2,
-                             disc_weight=0.0, crop_scale=[0.8, 1.0], flip=False, log_every=10, eval_every=200,
+    # CPU minutes on the digits: no GAN (it would double the step time and costs PSNR), small batches at a
+    # high lr, no augmentation (on digits, crops cost 1.4 dB at 300 steps), frequent evals.
+    "tiny": ImageTrainConfig(batch_size=16, lr=2e-3, warmup_steps=50, cooldown=0.3, ssim_weight=0.5,
+                             disc_weight=0.0, crop_scale=[1.0, 1.0], flip=False, log_every=10, eval_every=250,
                              ckpt_every=500, eval_images=300),
     "base": ImageTrainConfig(),
     "large": ImageTrainConfig(lr=1e-4, disc_start=40000),
@@ -150,9 +151,8 @@ class PatchDiscriminator(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------- configs
-def resolve_configs(preset_name: str, overrides: list[str] | None) -> tuple[ImageCodecConfig, ImageTrainConfig]:
-    """Preset plus `key=value` overrides, each key routed to the codec or the training config."""
-    mcfg, tcfg = image_preset(preset_name), preset(TRAIN_PRESETS, preset_name, "image training")
+def split_overrides(overrides: list[str] | None) -> tuple[list[str], list[str]]:
+    """Route `key=value` overrides to the codec config or the training config; unknown keys are errors."""
     m_keys = {f.name for f in dataclasses.fields(ImageCodecConfig)}
     t_keys = {f.name for f in dataclasses.fields(ImageTrainConfig)}
     m_ov, t_ov = [], []
@@ -167,6 +167,13 @@ def resolve_configs(preset_name: str, overrides: list[str] | None) -> tuple[Imag
         else:
             raise ConfigError(f"image codec has no key {key!r}; codec keys: {', '.join(sorted(m_keys))}; "
                               f"training keys: {', '.join(sorted(t_keys))}")
+    return m_ov, t_ov
+
+
+def resolve_configs(preset_name: str, overrides: list[str] | None) -> tuple[ImageCodecConfig, ImageTrainConfig]:
+    """A named preset plus `key=value` overrides."""
+    m_ov, t_ov = split_overrides(overrides)
+    mcfg, tcfg = image_preset(preset_name), preset(TRAIN_PRESETS, preset_name, "image training")
     return apply_overrides(mcfg, m_ov).validate(), apply_overrides(tcfg, t_ov).validate()
 
 
@@ -221,15 +228,10 @@ def _train(env, data, out: Path, preset_name, overrides, eval_data, max_steps, m
         tcfg = from_dict(ImageTrainConfig, state["train_config"])
         if preset_name is not None and preset_name != state.get("preset"):
             raise ConfigError(f"{out} was trained with preset {state.get('preset')!r}, not {preset_name!r}")
-        m_new, t_new = resolve_configs(state.get("preset", "tiny"), overrides)
-        changed = [f.name for f in dataclasses.fields(ImageCodecConfig)
-                   if any(o.split("=", 1)[0].strip().replace("-", "_") == f.name for o in overrides or [])
-                   and getattr(m_new, f.name) != getattr(mcfg, f.name)]
-        if changed:
-            raise ConfigError(f"cannot change the codec's architecture on resume: {', '.join(changed)}")
-        tcfg = apply_overrides(tcfg, [o for o in overrides or []
-                                      if o.split("=", 1)[0].strip().replace("-", "_") in
-                                      {f.name for f in dataclasses.fields(ImageTrainConfig)}]).validate()
+        m_ov, t_ov = split_overrides(overrides)
+        if apply_overrides(mcfg, m_ov) != mcfg:
+            raise ConfigError(f"the codec's architecture cannot change on resume ({', '.join(m_ov)})")
+        tcfg = apply_overrides(tcfg, t_ov).validate()  # training keys (lr, eval_every, ...) may change
         preset_name = state.get("preset", "tiny")
     else:
         preset_name = preset_name or "tiny"
