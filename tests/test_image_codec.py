@@ -303,12 +303,15 @@ def test_gan_and_feature_matching_run_after_the_warmup(image_data, tmp_path):
 
 
 def test_ddp_two_cpu_processes_keep_identical_codebooks(image_data, tmp_path):
-    """torchrun, gloo, 2 ranks, the vq quantizer (whose EMA codebook and dead-code swaps must be synced)."""
+    """torchrun, gloo, 2 ranks, the vq quantizer (whose EMA codebook and dead-code swaps must be synced)
+    and the GAN."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "-m", "tessera", "tokenizer", "train", "image", "--data", str(image_data), "--out", str(tmp_path / "ddp"),
            "--max-steps", "4", "--no-progress", "--device", "cpu",
-           *[a for s in MICRO_SET for a in ("--set", s)], "--set", "quantizer=vq", "--set", "vq_dead_code_threshold=4"]
+           *[a for s in MICRO_SET for a in ("--set", s)], "--set", "quantizer=vq", "--set", "vq_dead_code_threshold=4",
+           # the GAN from step 2: the adaptive weight's autograd.grad through DDP, the discriminator's own DDP
+           "--set", "disc_weight=0.5", "--set", "disc_start=2", "--set", "disc_channels=8", "--set", "disc_layers=2"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     summary = json.loads((tmp_path / "ddp" / "train_summary.json").read_text())

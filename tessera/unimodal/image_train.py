@@ -200,12 +200,14 @@ def train_image_codec(data, out, *, preset_name: str | None = None, overrides: l
                       resume: bool = False, device: str | None = None, workers: int = 0,
                       progress: bool = True) -> dict:
     """Train (or resume) an image codec into `out`; returns the summary also written to train_summary.json."""
+    joined = torch.distributed.is_initialized()  # a caller's process group is left as it was found
     env = init_distributed(device)
     try:
         return _train(env, data, Path(out), preset_name, overrides, eval_data, max_steps, max_minutes, resume,
                       workers, progress)
     finally:
-        destroy_distributed()
+        if not joined:
+            destroy_distributed()
 
 
 def _train(env, data, out: Path, preset_name, overrides, eval_data, max_steps, max_minutes, resume, workers,
