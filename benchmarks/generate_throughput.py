@@ -1,0 +1,146 @@
+"""Generation speed: tessera's decoding loop next to HF `generate` on the same exported weights, in one run.
+
+For each preset: a randomly initialized decoder over the demo vocabulary (text 512 + image 1000 + audio
+4 x 1024), exported to transformers; batch 1, greedy, 256 new tokens (end-of-text disabled on both sides so
+every run decodes exactly 256), text-only vocabulary mask on both sides (tessera's constrained decoder, an
+equivalent LogitsProcessor for HF). The greedy ids must be identical. Runs alternate and the median of
+`--rounds` is reported, with the ratio. It also times image generation with classifier-free guidance
+(seconds per image): the demo's 4x4-code digit and a 16x16-code (256-token) image.
+
+    python benchmarks/generate_throughput.py [--presets demo,small] [--new-tokens 256]
+    python benchmarks/generate_throughput.py --gpu-1b        # CUDA: also 1b, seconds per 256-token image
+
+Writes benchmarks/results/generate_throughput.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).parent / "results" / "generate_throughput.json"
+
+
+def demo_bundle(root: Path) -> Path:
+    """A bundle of the demo's shape: a small text model and untrained tiny codecs."""
+    from tessera.eval.digits import CAPTIONS, DIGIT_WORDS, DRAW_PROMPTS
+    from tessera.tokenizers import build_bundle
+    from tessera.unimodal.audio import AudioCodec, SEANetCodec, audio_codec_config
+    from tessera.unimodal.image import ImageCodec, image_preset
+    from tessera.unimodal.text import TextTrainConfig, train_text_tokenizer
+
+    lines = [t.format(w=w, d=d) for t in CAPTIONS + DRAW_PROMPTS for d, w in enumerate(DIGIT_WORDS)] * 20
+    (root / "text.txt").write_text("\n".join(lines) + "\n")
+    train_text_tokenizer([root / "text.txt"], root / "text", TextTrainConfig(vocab_size=512), progress=False)
+    torch.manual_seed(0)
+    ImageCodec(image_preset("tiny")).save(root / "image")
+    audio = SEANetCodec(audio_codec_config("tiny"))
+    audio.train()
+    audio.quantizer.set_dropout(False)
+    with torch.no_grad():
+        audio(0.1 * torch.randn(2, 1, 16000))
+    AudioCodec.save_model(audio, root / "audio")
+    build_bundle(root / "bundle", root / "text", root / "image", root / "audio", max_grid=16)
+    return root / "bundle"
+
+
+def bench(preset: str, bundle: Path, new_tokens: int, rounds: int, device) -> dict:
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    from tessera.model.api import random_model
+    from tessera.model.constrained import TEXT, FSMConfig, SpanFSM
+    from tessera.model.generate import SamplingConfig, decode
+    from tessera.model.hf_export import to_hf_model
+    from tessera.tokenizers import load_bundle
+
+    tok = load_bundle(bundle, device=device)
+    m = random_model(tok, preset, seed=0, qk_norm=False)
+    m.model.to(device).eval()
+    m.device = torch.device(device)
+    hf = to_hf_model(m.model.cpu(), tok.bos_id, None, tok.pad_id).to(device).eval()
+    m.model.to(device)
+    L = tok.layout
+    # end-of-text disabled: an FSM whose end token is <pad>, which text can never produce
+    fsm = SpanFSM(L, eos_id=L.pad, device=device)
+    allowed = fsm.rows[fsm.R_TEXT]
+    prompt = tok.encode(["a drawing of the digit seven"], bos=True)
+
+    class TextOnly(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            return scores.masked_fill(~allowed, float("-inf"))
+
+    ids = torch.tensor([prompt], device=device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def ours():
+        steps = decode(m.model, [prompt], fsm, FSMConfig(), start_state=TEXT, max_new_tokens=new_tokens,
+                       sampling=SamplingConfig(temperature=0), pad_id=L.pad)
+        return torch.stack(list(steps), 1)[0].tolist()
+
+    def theirs():
+        with torch.no_grad():
+            out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                              min_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=L.pad,
+                              logits_processor=LogitsProcessorList([TextOnly()]))
+        return out[0, len(prompt):].tolist()
+
+    def timed(fn):
+        sync()
+        t = time.perf_counter()
+        r = fn()
+        sync()
+        return time.perf_counter() - t, r
+
+    a_out, b_out = ours(), theirs()  # warm-up, and the identity check
+    a, b = [], []
+    for _ in range(rounds):
+        a.append(timed(ours)[0])
+        b.append(timed(theirs)[0])
+    res = {"preset": preset, "params": m.model.num_params(False), "new_tokens": new_tokens,
+           "tessera_tokens_per_s": round(new_tokens / statistics.median(a), 1),
+           "hf_tokens_per_s": round(new_tokens / statistics.median(b), 1),
+           "identical_greedy_ids": a_out == b_out}
+    res["ratio"] = round(res["tessera_tokens_per_s"] / res["hf_tokens_per_s"], 3)
+    for name, size in (("demo_image_4x4", None), ("image_16x16", (128, 128))):
+        m.generate("a drawing of the digit seven", output="image", cfg_scale=3.0, seed=0, image_size=size)
+        times = [timed(lambda: m.generate("a drawing of the digit seven", output="image", cfg_scale=3.0, seed=s,
+                                          image_size=size))[0] for s in range(rounds)]
+        res[f"seconds_per_{name}_cfg"] = round(statistics.median(times), 4)
+    return res
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--presets", default="demo,small")
+    p.add_argument("--new-tokens", type=int, default=256)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--gpu-1b", action="store_true")
+    p.add_argument("--out", default=str(RESULTS))
+    args = p.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    runs = []
+    with tempfile.TemporaryDirectory() as tmp:
+        bundle = demo_bundle(Path(tmp))
+        presets = args.presets.split(",") + (["1b"] if args.gpu_1b else [])
+        for preset in presets:
+            r = bench(preset, bundle, args.new_tokens, args.rounds, device)
+            print(json.dumps(r), flush=True)
+            runs.append(r)
+    machine = {"device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
+               "threads": torch.get_num_threads(), "torch": torch.__version__,
+               "transformers": __import__("transformers").__version__}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"benchmark": "generate_throughput", "machine": machine, "runs": runs}, indent=2) + "\n")
+    print(f"-> {out}")
+
+
+if __name__ == "__main__":
+    main()

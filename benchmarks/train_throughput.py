@@ -1,0 +1,143 @@
+"""Training throughput: tessera's decoder next to transformers.LlamaForCausalLM, in one run.
+
+Both models get the same dimensions (the Llama architecture: tessera with QK-norm off), the same random
+batches, the same fused AdamW, sequence length, batch and dtype. Each model trains `--steps` steps after
+`--warmup` steps; the runs alternate (tessera, HF, tessera, HF, ...) so drift on a noisy machine hits both.
+Reported: tokens/s of each (median over rounds) and their ratio.
+
+    python benchmarks/train_throughput.py                        # CPU: demo and small presets
+    python benchmarks/train_throughput.py --gpu-1b               # CUDA: also the 1b preset, seq 4096, bf16, MFU
+
+Writes benchmarks/results/train_throughput.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from tessera.model.hf_export import to_hf_model
+from tessera.model.transformer import Transformer, model_preset
+from tessera.train.mfu import peak_flops
+from tessera.train.pretrain import token_losses
+
+RESULTS = Path(__file__).parent / "results" / "train_throughput.json"
+
+
+def make_models(preset: str, vocab: int, device, seed: int = 0):
+    cfg = model_preset(preset)
+    cfg.vocab_size = vocab
+    cfg.qk_norm = False  # the Llama architecture on both sides
+    ours = Transformer(cfg)
+    ours.init_weights(seed=seed)
+    hf = to_hf_model(ours).train()
+    return ours.to(device).train(), hf.to(device), cfg
+
+
+def time_steps(step, n: int, sync) -> float:
+    sync()
+    t = time.perf_counter()
+    for _ in range(n):
+        step()
+    sync()
+    return (time.perf_counter() - t) / n
+
+
+def bench_preset(preset: str, vocab: int, batch: int, seq: int, steps: int, warmup: int, rounds: int,
+                 device: torch.device, dtype: torch.dtype) -> dict:
+    ours, hf, cfg = make_models(preset, vocab, device)
+    g = torch.Generator().manual_seed(0)
+    data = [torch.randint(0, vocab, (batch, seq + 1), generator=g).to(device) for _ in range(4)]
+    modality = torch.zeros(vocab, dtype=torch.long, device=device)
+    opt_a = torch.optim.AdamW(ours.parameters(), lr=1e-4, fused=True)
+    opt_b = torch.optim.AdamW(hf.parameters(), lr=1e-4, fused=True)
+    amp = dtype != torch.float32
+    k = {"i": 0}
+
+    def batch_():
+        k["i"] += 1
+        x = data[k["i"] % len(data)]
+        return x[:, :-1], x[:, 1:]
+
+    def step_ours():
+        x, y = batch_()
+        with torch.autocast(device.type, dtype=dtype, enabled=amp):
+            logits = ours(x)
+        r = token_losses(logits, y, modality)
+        (r["ce"] / r["count"]).backward()
+        opt_a.step()
+        opt_a.zero_grad(set_to_none=True)
+
+    def step_hf():
+        x, y = batch_()
+        with torch.autocast(device.type, dtype=dtype, enabled=amp):
+            logits = hf(input_ids=x).logits
+        loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, vocab), y.reshape(-1))
+        loss.backward()
+        opt_b.step()
+        opt_b.zero_grad(set_to_none=True)
+
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(warmup):
+        step_ours()
+        step_hf()
+    a, b = [], []
+    for _ in range(rounds):
+        a.append(time_steps(step_ours, steps, sync))
+        b.append(time_steps(step_hf, steps, sync))
+    tok = batch * seq
+    ours_tps, hf_tps = tok / statistics.median(a), tok / statistics.median(b)
+    peak, src = peak_flops(device, dtype)
+    fpt = ours.flops_per_token(seq)
+    return {
+        "preset": preset, "params": ours.num_params(False), "vocab": vocab, "batch": batch, "seq_len": seq,
+        "dtype": str(dtype).replace("torch.", ""), "steps_per_round": steps, "rounds": rounds,
+        "tessera_tokens_per_s": round(ours_tps, 1), "hf_tokens_per_s": round(hf_tps, 1),
+        "ratio": round(ours_tps / hf_tps, 3),
+        "tessera_mfu": round(fpt * ours_tps / peak, 4) if peak else None,
+        "hf_mfu": round(fpt * hf_tps / peak, 4) if peak else None, "peak_flops": peak, "peak_source": src,
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--presets", default="demo,small")
+    p.add_argument("--vocab", type=int, default=5632, help="rows of the embedding table (the demo bundle's)")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--gpu-1b", action="store_true", help="also the 1b preset at seq 4096 in bf16 (CUDA)")
+    p.add_argument("--out", default=str(RESULTS))
+    args = p.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    runs = []
+    for preset in args.presets.split(","):
+        r = bench_preset(preset, args.vocab, args.batch, args.seq, args.steps, args.warmup, args.rounds, device, dtype)
+        print(json.dumps(r))
+        runs.append(r)
+    if args.gpu_1b:
+        if device.type != "cuda":
+            raise SystemExit("--gpu-1b needs CUDA")
+        r = bench_preset("1b", 32768, 2, 4096, 5, 2, 3, device, torch.bfloat16)
+        print(json.dumps(r))
+        runs.append(r)
+    machine = {"device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
+               "cpus": torch.get_num_threads(), "torch": torch.__version__,
+               "transformers": __import__("transformers").__version__}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"benchmark": "train_throughput", "machine": machine, "runs": runs}, indent=2) + "\n")
+    print(f"-> {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,138 @@
+"""The demo report: task table, codec tables, training curves, generated digits and speech, stage times.
+
+Writes `report.md` (for people) and `report.json` (for tools) into the demo directory, with the figures and
+sound files beside them.
+"""
+
+from __future__ import annotations
+
+import platform
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from tessera.eval.digits import DIGIT_WORDS
+from tessera.storage import atomic_write_json, atomic_write_text
+from tessera.train.monitor import read_metrics
+
+
+def plot_training_curves(run_dir: Path, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    recs = read_metrics(run_dir)
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    for key, style in (("loss_text", "-"), ("loss_image", "-"), ("loss_audio", "-"), ("loss", "--")):
+        pts = [(r["step"], r[key]) for r in recs if isinstance(r.get(key), (int, float))]
+        if pts:
+            ax.plot(*zip(*pts), style, label=key.replace("loss_", "train ") if key != "loss" else "train (all)")
+    for key in ("eval_loss_text", "eval_loss_image", "eval_loss_audio"):
+        pts = [(r["step"], r[key]) for r in recs if isinstance(r.get(key), (int, float))]
+        if pts:
+            ax.plot(*zip(*pts), "o", label=key.replace("eval_loss_", "held-out "))
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats / token)")
+    ax.set_title("decoder training loss per modality")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def digit_grid(m, path: Path, seeds: int = 8, cfg_scale: float = 3.0, temperature: float = 1.0, scale: int = 2) -> None:
+    """One row per digit, `seeds` columns of "a drawing of the digit N"."""
+    rows = []
+    for d in range(10):
+        prompts = [[f"a drawing of the digit {DIGIT_WORDS[d]}"]] * seeds
+        outs = m.generate(prompts, output="image", cfg_scale=cfg_scale, temperature=temperature,
+                          seed=[1000 * d + s for s in range(seeds)])
+        rows.append([o[0] for o in outs])
+    w, h = rows[0][0].size
+    pad = 2
+    grid = Image.new("RGB", (seeds * (w + pad) + pad, 10 * (h + pad) + pad), (128, 128, 128))
+    for r, row in enumerate(rows):
+        for c, im in enumerate(row):
+            grid.paste(im, (pad + c * (w + pad), pad + r * (h + pad)))
+    grid.resize((grid.width * scale, grid.height * scale), Image.Resampling.NEAREST).save(path)
+
+
+def speech_samples(m, out: Path, digits=(0, 3, 7), cfg_scale: float = 3.0, temperature: float = 1.0) -> list[str]:
+    out.mkdir(parents=True, exist_ok=True)
+    names = []
+    outs = m.generate([[f"say {DIGIT_WORDS[d]}"] for d in digits], output="audio", cfg_scale=cfg_scale,
+                      temperature=temperature, seed=list(digits), max_audio_seconds=1.5)
+    for d, o in zip(digits, outs):
+        name = f"say_{DIGIT_WORDS[d]}.wav"
+        o[0].save(out / name)
+        names.append(name)
+    return names
+
+
+def _codec_table(title: str, ours: dict | None, classic_key: str, cols: list[tuple[str, str]]) -> list[str]:
+    if not ours:
+        return [f"### {title}", "", "(not evaluated)", ""]
+    head = "| codec | " + " | ".join(c for c, _ in cols) + " |"
+    lines = [f"### {title}", "", head, "|" + "---|" * (len(cols) + 1)]
+
+    def fmt(v):
+        if isinstance(v, float):
+            return f"{v:.3f}"
+        if isinstance(v, list):
+            return "[" + ", ".join(f"{x:.2f}" for x in v) + "]"
+        return str(v)
+
+    lines.append("| tessera | " + " | ".join(fmt(ours.get(k, "")) for _, k in cols) + " |")
+    for row in ours.get(classic_key, []):
+        label = f"{classic_key} q={row['quality']}" if "quality" in row else f"{classic_key} {row.get('kbps', row.get('bitrate', ''))}"
+        lines.append(f"| {label} | " + " | ".join(fmt(row.get(k, "")) for _, k in cols) + " |")
+    return lines + [""]
+
+
+def write_report(out: Path, *, tasks: dict, image_eval: dict | None, audio_eval: dict | None, stages: dict,
+                 total_seconds: float, targets: dict, run_dir: Path, config: dict, grid: str | None,
+                 wavs: list[str], curves: str | None) -> dict:
+    machine = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+               "cpus": __import__("os").cpu_count(), "torch": torch.__version__,
+               "device": "cuda: " + torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
+    report = {"tasks": tasks, "targets": targets, "image_codec": image_eval, "audio_codec": audio_eval,
+              "stages": stages, "total_seconds": round(total_seconds, 1), "machine": machine, "config": config,
+              "run": str(run_dir), "figures": {"grid": grid, "curves": curves}, "speech": wavs}
+    atomic_write_json(out / "report.json", report)
+    md = ["# tessera demo report", "",
+          f"Whole demo: **{total_seconds / 60:.1f} minutes** on {machine['cpus']} CPU(s), {machine['device']} "
+          f"({machine['platform']}, torch {machine['torch']}).", "", "## Tasks (held-out data)", "",
+          "| task | value | target | met | n | judge's own accuracy |", "|---|---|---|---|---|---|"]
+    for task, r in tasks.items():
+        if isinstance(r["value"], dict):
+            val = ", ".join(f"{k} {v:.3g}" for k, v in r["value"].items())
+            n = ", ".join(f"{k} {v}" for k, v in r["n"].items())
+            md.append(f"| {task} (perplexity) | {val} | | | {n} | |")
+            continue
+        t = targets.get(task)
+        met = "" if t is None else ("yes" if r["value"] >= t else "**no**")
+        judge = f"{r['judge_acc']:.3f}" if r.get("judge_acc") is not None else ""
+        md.append(f"| {task} | {r['value']:.3f} | {'' if t is None else f'>= {t}'} | {met} | {r['n']} | {judge} |")
+    md += ["", "## Tokenizers", ""]
+    md += _codec_table("Image codec vs JPEG (held-out digit images)", image_eval, "jpeg",
+                       [("PSNR dB", "psnr"), ("SSIM", "ssim"), ("bits/pixel", "bpp"), ("codebook usage", "codebook_usage")])
+    md += _codec_table("Audio codec vs Opus (held-out voices)", audio_eval, "opus",
+                       [("SI-SDR dB", "si_sdr"), ("mel distance", "mel_distance"), ("STOI", "stoi"), ("kbps", "kbps"),
+                        ("codebook usage", "codebook_usage")])
+    if curves:
+        md += ["## Training", "", f"![training curves]({curves})", ""]
+    if grid:
+        md += ["## Generated digits", "", "One row per digit (0 at the top), one column per seed, prompt "
+               "\"a drawing of the digit N\".", "", f"![generated digits]({grid})", ""]
+    if wavs:
+        md += ["## Generated speech", ""] + [f"- [{w}](speech/{w})" for w in wavs] + [""]
+    md += ["## Stages", "", "| stage | seconds | reused |", "|---|---|---|"]
+    for name, st in stages.items():
+        md.append(f"| {name} | {st['seconds']:.1f} | {'yes' if st.get('reused') else ''} |")
+    md += ["", f"Run directory: `{run_dir}`", ""]
+    atomic_write_text(out / "report.md", "\n".join(md))
+    return report
+
