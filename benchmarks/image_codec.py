@@ -1,6 +1,6 @@
 """Image codec throughput next to Pillow JPEG, in one run: encode and decode images/s at 64 and 256 px.
 
-    python benchmarks/image_codec.py                      # CPU (and CUDA when present) -> results/image_codec.json
+    python benchmarks/image_codec.py          # CPU (and CUDA when present) -> results/image_codec.json
     python benchmarks/image_codec.py --presets tiny --sizes 64 --seconds 1
 
 - tessera: `ImageCodec.encode` (pixels -> codes) and `.decode` (codes -> pixels) on batches, with the
@@ -125,15 +125,18 @@ def main(argv=None) -> int:
         for preset in args.presets.split(","):
             for size in sizes:
                 pixels = size * size
-                batch = max(1, min(64, (64 * 64 * 32) // pixels)) if dev.type == "cpu" else max(4, min(256, 2**22 // pixels))
+                if dev.type == "cpu":
+                    batch = max(1, min(64, (64 * 64 * 32) // pixels))
+                else:
+                    batch = max(4, min(256, 2**22 // pixels))
                 r = bench_codec(preset, size, dev, batch, args.seconds)
                 r.update(device=dev.type, size=size,
                          encode_ratio_vs_jpeg=r["encode_images_per_s"] / jpeg[size]["encode_images_per_s"],
                          decode_ratio_vs_jpeg=r["decode_images_per_s"] / jpeg[size]["decode_images_per_s"])
                 rows.append(r)
-                print(f"tessera {preset} {dev.type} {size}px (batch {batch}): encode {r['encode_images_per_s']:.1f}/s "
-                      f"({r['encode_ratio_vs_jpeg']:.3f}x JPEG), decode {r['decode_images_per_s']:.1f}/s "
-                      f"({r['decode_ratio_vs_jpeg']:.3f}x JPEG)", flush=True)
+                print(f"tessera {preset} {dev.type} {size}px (batch {batch}): "
+                      f"encode {r['encode_images_per_s']:.1f}/s ({r['encode_ratio_vs_jpeg']:.2g}x JPEG), "
+                      f"decode {r['decode_images_per_s']:.1f}/s ({r['decode_ratio_vs_jpeg']:.2g}x JPEG)", flush=True)
     result = {
         "benchmark": "image_codec",
         "peer": "Pillow JPEG (libjpeg), quality 75, one image at a time, one thread",

@@ -220,8 +220,8 @@ def format_table(r: dict, codec_dir: str) -> str:
     size = r["size"] if isinstance(r["size"], str) else "x".join(map(str, r["size"]))
     lines = [f"image codec {codec_dir}: {r['n_images']} images at {size}, {r['codebook_size']} codes",
              f"{'':12} {'bpp':>7} {'PSNR dB':>8} {'SSIM':>6}   codebook usage / perplexity",
-             f"{'codec':12} {r['bpp']:7.3f} {r['psnr']:8.2f} {r['ssim']:6.3f}   "
-             f"{100 * r['codebook_usage']:.1f}% / {r['perplexity']:.1f}"]
+             (f"{'codec':12} {r['bpp']:7.3f} {r['psnr']:8.2f} {r['ssim']:6.3f}   "
+              f"{100 * r['codebook_usage']:.1f}% / {r['perplexity']:.1f}")]
     for j in r["jpeg"]:
         lines.append(f"{'JPEG q=' + str(j['quality']):12} {j['bpp']:7.3f} {j['psnr']:8.2f} {j['ssim']:6.3f}")
     if r["skipped"]:

@@ -31,7 +31,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,16 +40,32 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from tessera.config import ConfigError, apply_overrides, from_dict, preset, to_dict
-from tessera.errors import TesseraError
 from tessera.storage import atomic_write_json
-from tessera.train.checkpoint import (CheckpointManager, capture_rng, flatten_optimizer_state, restore_rng,
-                                      unflatten_optimizer_state)
-from tessera.train.distributed import (all_gather_object, all_reduce, barrier, destroy_distributed,
-                                       init_distributed, seed_everything)
+from tessera.train.checkpoint import (
+    CheckpointManager,
+    capture_rng,
+    flatten_optimizer_state,
+    restore_rng,
+    unflatten_optimizer_state,
+)
+from tessera.train.distributed import (
+    all_gather_object,
+    all_reduce,
+    barrier,
+    destroy_distributed,
+    init_distributed,
+    seed_everything,
+)
 from tessera.train.monitor import MetricsLogger, Progress, RunBudget
 from tessera.unimodal.image import ImageCodec, ImageCodecConfig, image_preset
-from tessera.unimodal.image_data import (InfiniteBatchSampler, TrainImages, collate, find_splits, load_eval_images,
-                                         seed_worker)
+from tessera.unimodal.image_data import (
+    InfiniteBatchSampler,
+    TrainImages,
+    collate,
+    find_splits,
+    load_eval_images,
+    seed_worker,
+)
 from tessera.unimodal.image_eval import evaluate_codec, save_grid
 from tessera.unimodal.losses import adaptive_weight, feature_matching_loss, hinge_d_loss, hinge_g_loss, ssim
 from tessera.unimodal.media import DEFAULT_MAX_PIXELS, SkipLog
@@ -213,8 +228,6 @@ def train_image_codec(data, out, *, preset_name: str | None = None, overrides: l
 def _train(env, data, out: Path, preset_name, overrides, eval_data, max_steps, max_minutes, resume, workers,
            progress) -> dict:
     dev, main = env.device, env.is_main
-    if max_steps is None and max_minutes is None:
-        raise TesseraError("give --max-steps and/or --max-minutes: the run needs a bound")
     ckpt = CheckpointManager(out, keep=2)
     latest = ckpt.latest_step()
     state: dict = {}
@@ -309,6 +322,9 @@ def _train(env, data, out: Path, preset_name, overrides, eval_data, max_steps, m
                   f"{0 if eval_x is None else len(eval_x)} held-out ({split_how}); batch {tcfg.batch_size} x "
                   f"{env.world_size} process(es) on {dev}{', bf16' if amp else ''}"
                   + (f"; resuming at step {start_step}" if state else ""))
+        if max_steps is None and max_minutes is None:
+            bar.write("no --max-steps or --max-minutes: training until interrupted (Ctrl-C saves a checkpoint); "
+                      "the lr does not cool down")
 
     def note_skips(batch_skips):
         for s in batch_skips:
@@ -390,7 +406,7 @@ def _train(env, data, out: Path, preset_name, overrides, eval_data, max_steps, m
 
         # generator step
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
-            recon, codes, aux = g_model(x)
+            recon, _, aux = g_model(x)
         recon = recon.float()
         rec = F.l1_loss(recon, x) if tcfg.rec_loss == "l1" else F.mse_loss(recon, x)
         nll = tcfg.rec_weight * rec
@@ -468,7 +484,7 @@ def _train(env, data, out: Path, preset_name, overrides, eval_data, max_steps, m
     if last_save != step:
         save(step)
     bad = gathered_bad()
-    for p, (reason, msg) in sorted(bad.items()):
+    for _, (reason, msg) in sorted(bad.items()):
         skips.add(reason, msg)
     skips.merge(eval_skips)
     # Every rank must end with the same weights and the same codebook (DDP + the quantizer's own sync).

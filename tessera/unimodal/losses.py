@@ -33,7 +33,7 @@ def ssim(x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0, window: int 
     if x.shape != y.shape or x.ndim != 4:
         raise ValueError(f"ssim needs two (B, C, H, W) tensors of one shape, got {tuple(x.shape)} and {tuple(y.shape)}")
     x, y = x.float(), y.float()
-    B, C, H, W = x.shape
+    C, H, W = x.shape[1:]
     win = min(window, H, W)
     win -= 1 - win % 2  # odd
     k = _gaussian_window(win, sigma, x.device, x.dtype).expand(C, 1, win, win)
@@ -68,7 +68,7 @@ def hinge_g_loss(logits_fake: torch.Tensor) -> torch.Tensor:
 
 def feature_matching_loss(feats_real: list[torch.Tensor], feats_fake: list[torch.Tensor]) -> torch.Tensor:
     """Mean L1 distance between the discriminator's hidden features on real and generated inputs."""
-    losses = [F.l1_loss(f.float(), r.detach().float()) for r, f in zip(feats_real, feats_fake)]
+    losses = [F.l1_loss(f.float(), r.detach().float()) for r, f in zip(feats_real, feats_fake, strict=True)]
     return torch.stack(losses).mean()
 
 
