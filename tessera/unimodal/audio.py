@@ -97,10 +97,11 @@ class AudioCodecConfig:
 
 
 AUDIO_PRESETS: dict[str, AudioCodecConfig] = {
-    # CPU: tests and the demo. 25 frames/s x 4 levels = 100 tokens/s (1.0 kbps); 1.6 M parameters. No LSTM:
-    # on two CPU cores it cost more wall time than it gave back in a few minutes of training. EMA decay 0.9
-    # (not EnCodec's 0.99): with ~250 vectors per step the codebooks must follow a fast-moving encoder.
-    "tiny": AudioCodecConfig(strides=[8, 5, 4, 4], channels=16, max_channels=256, dim=64, lstm_layers=0,
+    # CPU: tests and the demo. 25 frames/s x 4 levels = 100 tokens/s (1.0 kbps); 0.7 M parameters. Narrow
+    # full-rate stages (8 channels: the cost of a step is mostly there) and one LSTM layer at 25 frames/s
+    # (almost free). EMA decay 0.9, not EnCodec's 0.99: with ~250 vectors per step the codebooks must follow
+    # a fast-moving encoder. See docs/audio_codec.md for the runs behind these choices.
+    "tiny": AudioCodecConfig(strides=[8, 5, 4, 4], channels=8, max_channels=256, dim=64, lstm_layers=1,
                              num_quantizers=4, ema_decay=0.9, dead_code_threshold=0.05),
     # GPU: 50 frames/s x 8 levels (4.0 kbps at full depth; quantizer dropout covers 1..8 levels).
     "base": AudioCodecConfig(strides=[8, 5, 4, 2], channels=32, max_channels=512, dim=128, lstm_layers=2,
