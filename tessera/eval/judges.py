@@ -81,7 +81,7 @@ class SpeechDigitJudge:
         return np.stack([self.features(w, sample_rate) for w in waves])
 
     # --------------------------------------------------------------------------------------- fit
-    def fit(self, waves, labels, sample_rate: int = JUDGE_RATE) -> "SpeechDigitJudge":
+    def fit(self, waves, labels, sample_rate: int = JUDGE_RATE) -> SpeechDigitJudge:
         if len(waves) == 0:
             raise JudgeError("no clips to train the speech judge on")
         self.model.fit(self._matrix(waves, sample_rate), np.asarray(labels))
@@ -97,7 +97,7 @@ class SpeechDigitJudge:
         return float((self.predict(waves, sample_rate) == np.asarray(labels)).mean())
 
     @classmethod
-    def from_corpus(cls, corpus: str | Path, **kwargs) -> "SpeechDigitJudge":
+    def from_corpus(cls, corpus: str | Path, **kwargs) -> SpeechDigitJudge:
         """Train on the corpus's real training clips (never on generated or reconstructed audio)."""
         import soundfile as sf
 
@@ -154,7 +154,7 @@ class ImageDigitJudge:
         im = image.convert("L").resize((self.size, self.size), Image.Resampling.BILINEAR)
         return np.asarray(im, dtype=np.float32).reshape(-1) / 255.0
 
-    def fit(self, images, labels) -> "ImageDigitJudge":
+    def fit(self, images, labels) -> ImageDigitJudge:
         if len(images) == 0:
             raise JudgeError("no images to train the image judge on")
         self.model.fit(np.stack([self.features(im) for im in images]), np.asarray(labels))
@@ -176,7 +176,7 @@ class ImageDigitJudge:
         return [load_image(p) for p, _ in pairs], [label for _, label in pairs]
 
     @classmethod
-    def from_corpus(cls, corpus: str | Path, **kwargs) -> "ImageDigitJudge":
+    def from_corpus(cls, corpus: str | Path, **kwargs) -> ImageDigitJudge:
         """Train on the corpus's real training images."""
         images, labels = cls._load(corpus_images(corpus, "train"))
         return cls(**kwargs).fit(images, labels)

@@ -30,8 +30,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import weight_norm
 
@@ -80,7 +80,7 @@ class AudioCodecConfig:
     def codes_per_level(self) -> int:
         return int(math.prod(self.fsq_levels)) if self.quantizer == "fsq" else self.codebook_size
 
-    def validate(self) -> "AudioCodecConfig":
+    def validate(self) -> AudioCodecConfig:
         if self.quantizer not in ("rvq", "fsq"):
             raise ConfigError(f"quantizer must be 'rvq' or 'fsq', got {self.quantizer!r}")
         if not self.strides or any(s < 1 for s in self.strides):
@@ -336,7 +336,7 @@ class AudioCodec:
 
     # ----------------------------------------------------------------------------------- files
     @classmethod
-    def load(cls, path: str | Path, device="cpu") -> "AudioCodec":
+    def load(cls, path: str | Path, device="cpu") -> AudioCodec:
         meta = read_codec_meta(path)
         if meta["kind"] != "audio":
             raise CodecError(f"{path} holds a {meta['kind']} codec, not an audio codec")
@@ -364,7 +364,7 @@ class AudioCodec:
         atomic_write_json(path / "codec.json", {"format": CODEC_FORMAT, "version": CODEC_VERSION, "kind": "audio",
                                                 "info": model.cfg.info().to_dict(), "config": to_dict(model.cfg)})
 
-    def to(self, device) -> "AudioCodec":
+    def to(self, device) -> AudioCodec:
         self.device = torch.device(device)
         self.model.to(self.device)
         return self

@@ -352,7 +352,7 @@ def format_table(r: dict, name: str = "tessera") -> str:
         rows.append(["original", None, None, None, None] + ([None] if "pesq" in r else [])
                     + [r["judge"]["accuracy_original"]])
     head = ["codec"] + cols
-    fmt = lambda v: "-" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v))  # noqa: E731
+    fmt = lambda v: "-" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v))
     table = [head] + [[fmt(v) for v in row] for row in rows]
     widths = [max(len(row[i]) for row in table) for i in range(len(head))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in table]

@@ -344,7 +344,7 @@ def _train(env, data, out: Path, preset_name, overrides, eval_data, max_steps, m
     # -------- data (every rank reads it; the skip report comes from rank 0)
     skips, notes = SkipLog(), {}
     t0 = time.monotonic()
-    clips, names = load_clips(data, sr, hop, tcfg, skips, notes)
+    clips, _ = load_clips(data, sr, hop, tcfg, skips, notes)
     eval_skips = SkipLog()
     if eval_data:
         eval_clips, _ = load_clips(eval_data, sr, hop, tcfg, eval_skips, {})
