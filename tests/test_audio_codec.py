@@ -345,6 +345,11 @@ def test_training_refuses_missing_budget_and_unknown_keys(tmp_path, speech_dir, 
     assert run_cli(*base) == 2
     assert run_cli(*base, "--max-steps", "1", "--set", "bogus=1") == 2
     assert "unknown audio codec key 'bogus'" in capsys.readouterr().err
+    # a resumed run keeps its model config: repeating it is fine, changing it is an error
+    assert run_cli(*base, "--max-steps", "1", "--no-progress", *FAST) == 0
+    assert run_cli(*base, "--max-steps", "2", "--no-progress", "--resume", *FAST) == 0
+    assert run_cli(*base, "--max-steps", "3", "--no-progress", "--resume", *FAST, "--set", "dim=32") == 2
+    assert "cannot change the model config" in capsys.readouterr().err
 
 
 def test_ddp_two_processes_keep_codebooks_identical(tmp_path, speech_dir):
