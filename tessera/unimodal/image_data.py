@@ -245,9 +245,13 @@ PHOTO_TRAIN = ("astronaut.png", "camera.png", "rocket.jpg", "hubble_deep_field.j
 PHOTO_TEST = ("chelsea.png", "coffee.png")
 
 
-def build_photo_crops(out: str | Path, size: int = 64, crops_per_image: int = 120, test_crops: int = 40,
+def build_photo_crops(out: str | Path, size: int = 64, crops_per_image: int = 200, test_crops: int = 40,
                       seed: int = 0) -> dict:
-    """Random `size`-px crops of scikit-image's bundled photographs into OUT/train and OUT/test."""
+    """Random `size`-px crops of scikit-image's bundled photographs into OUT/train and OUT/test.
+
+    Half of the training photographs are grayscale; they get a third as many crops as the color ones,
+    so that color is not the exception in training while both test photographs are in color.
+    """
     import skimage
 
     src = Path(skimage.__file__).parent / "data"
@@ -263,7 +267,9 @@ def build_photo_crops(out: str | Path, size: int = 64, crops_per_image: int = 12
             if not p.is_file():
                 continue
             im = load_image(p)
-            for k in range(n):
+            a = np.asarray(im)
+            gray = bool((a[..., 0] == a[..., 1]).all() and (a[..., 1] == a[..., 2]).all())
+            for k in range(n // 3 if gray and split == "train" else n):
                 # crops at a few scales: a crop of side s in [size, 3*size] resized down to `size`
                 s = min(rng.randint(size, 3 * size), im.width, im.height)
                 x0, y0 = rng.randint(0, im.width - s), rng.randint(0, im.height - s)
@@ -281,7 +287,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="build crops of scikit-image's bundled photographs (offline)")
     p.add_argument("--out", required=True)
     p.add_argument("--size", type=int, default=64)
-    p.add_argument("--crops-per-image", type=int, default=120)
+    p.add_argument("--crops-per-image", type=int, default=200)
     p.add_argument("--test-crops", type=int, default=40)
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
