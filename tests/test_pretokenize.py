@@ -109,3 +109,33 @@ def test_worker_processes_give_the_same_shards(corpus, codec_bundle, tmp_path):
     assert one["tokens"] == two["tokens"] and one["skipped"] == two["skipped"]
     a, b = ShardReader(tmp_path / "one"), ShardReader(tmp_path / "two")
     assert all(np.array_equal(a.doc(i)[0], b.doc(i)[0]) for i in range(a.n_docs))
+
+
+def test_a_file_reused_across_documents_is_encoded_once_with_the_same_codes(codec_bundle, tmp_path, monkeypatch):
+    d = tmp_path / "docs"
+    d.mkdir()
+    rng = np.random.default_rng(1)
+    Image.fromarray(rng.integers(0, 255, (32, 32), dtype=np.uint8)).save(d / "a.png")
+    sf.write(d / "a.wav", (0.3 * np.sin(np.arange(8000) / 7)).astype(np.float32), 16000)
+    docs = [{"segments": [{"image": "a.png"}, {"text": "seven"}]}, {"segments": [{"text": "draw"}, {"image": "a.png"}]},
+            {"segments": [{"audio": "a.wav"}, {"image": "a.png"}]}, {"segments": [{"audio": "a.wav"}]}]
+    (d / "docs.jsonl").write_text("\n".join(json.dumps(x) for x in docs) + "\n")
+    counts = {"image": 0, "audio": 0}
+    tok_cls = type(load_bundle(codec_bundle))
+    for kind in counts:
+        real = getattr(tok_cls, f"encode_{kind}s")
+
+        def counted(self, items, _real=real, _kind=kind):
+            counts[_kind] += len(items)
+            return _real(self, items)
+
+        monkeypatch.setattr(tok_cls, f"encode_{kind}s", counted)
+    m = pt.pretokenize(codec_bundle, [d / "docs.jsonl"], tmp_path / "s", cfg(), progress=False)
+    assert m["docs"] == 4 and counts == {"image": 1, "audio": 1}
+    tok = load_bundle(codec_bundle)
+    reader = ShardReader(tmp_path / "s")
+    spans = [[p for p in tok.parse(reader.doc(i)[0].tolist(), strict=True) if not isinstance(p, str)]
+             for i in range(4)]
+    image_codes = [spans[0][0], spans[1][0], spans[2][1]]
+    assert all(np.array_equal(np.asarray(c.codes), np.asarray(image_codes[0].codes)) for c in image_codes)
+    assert np.array_equal(np.asarray(spans[2][0].codes), np.asarray(spans[3][0].codes))

@@ -123,3 +123,32 @@ def test_unknown_override_is_an_error(corpus, tmp_path, capsys):
     assert pretrain.main(args(corpus, tmp_path / "r", "--set", "lrr=1")) == 2
     assert "no key 'lrr'" in capsys.readouterr().err
     assert pretrain.main(args(corpus, tmp_path / "r", "--set", "model.dimm=1")) == 2
+
+
+def test_code_embeddings_start_from_the_codecs_code_vectors(codec_bundle):
+    import torch
+
+    from tessera.model.transformer import Transformer, model_preset
+    from tessera.tokenizers import load_bundle
+
+    tok = load_bundle(codec_bundle)
+    cfg = model_preset("tiny")
+    cfg.vocab_size = tok.layout.padded_vocab_size
+    model = Transformer(cfg)
+    model.init_weights(seed=0)
+    before = model.tok_embeddings.weight.detach().clone()
+    done = pretrain.init_code_embeddings(model, codec_bundle)
+    assert done == ["image"] + [f"audio.{q}" for q in range(tok.audio_codec.info.levels)]
+    emb = model.tok_embeddings.weight.detach()
+    text = tok.layout.ranges["text"]
+    assert torch.equal(emb[text.offset:text.end], before[text.offset:text.end])  # text rows untouched
+    for name, codec in (("image", tok.image_codec), ("audio.0", tok.audio_codec)):
+        r = tok.layout.ranges[name]
+        rows = emb[r.offset:r.end]
+        assert abs(rows.std().item() - cfg.init_std) < 0.2 * cfg.init_std
+        # codes the codec places close together start close together: pairwise distances correlate
+        v = codec.code_vectors()[0].float()
+        v = (v - v.mean(0)) / (v.std(0) + 1e-6)
+        idx = torch.randperm(len(v), generator=torch.Generator().manual_seed(0))[:200]
+        dv, de = torch.pdist(v[idx]), torch.pdist(rows[idx].float())
+        assert torch.corrcoef(torch.stack([dv, de]))[0, 1] > 0.5

@@ -89,7 +89,41 @@ def _init_worker(bundle: str, cfg_dict: dict, inputs: list[str]) -> None:
     torch.set_num_threads(1)
     cfg = PretokenizeConfig(**cfg_dict)
     device = resolve_device(cfg.device)
-    _W.update(tok=load_bundle(bundle, device=device), cfg=cfg, inputs=[Path(p) for p in inputs])
+    _W.update(tok=load_bundle(bundle, device=device), cfg=cfg, inputs=[Path(p) for p in inputs], cache=CodeCache())
+
+
+class CodeCache:
+    """Codes of media files already encoded by this worker, keyed by path, size and mtime.
+
+    Corpora often reuse a file across documents (the digits corpus puts each clip in three or four
+    directions); each is then read and encoded once. Bounded by the bytes of codes it holds.
+    """
+
+    def __init__(self, max_bytes: int = 256 * 2**20):
+        from collections import OrderedDict
+
+        self.items: OrderedDict = OrderedDict()
+        self.bytes, self.max_bytes = 0, max_bytes
+
+    @staticmethod
+    def key(kind: str, path: Path) -> tuple:
+        st = path.stat()
+        return (kind, str(path.resolve()), st.st_size, st.st_mtime_ns)
+
+    def get(self, key):
+        codes = self.items.get(key)
+        if codes is not None:
+            self.items.move_to_end(key)
+        return codes
+
+    def put(self, key, codes: np.ndarray) -> None:
+        if key in self.items:
+            return
+        self.items[key] = codes
+        self.bytes += codes.nbytes
+        while self.bytes > self.max_bytes and self.items:
+            _, old = self.items.popitem(last=False)
+            self.bytes -= old.nbytes
 
 
 class _Skip(Exception):
@@ -128,7 +162,12 @@ def _parse(line: bytes, base: Path, tok, cfg: PretokenizeConfig) -> tuple[list, 
         if not isinstance(value, str):
             raise _Skip("bad_segment", f"an {kind} segment must be a path")
         path = base / value
+        cache = _W.get("cache")
         try:
+            key = cache.key(kind, path) if cache is not None and path.is_file() else None
+            if key is not None and cache.get(key) is not None:
+                items.append((kind + "_codes", cache.get(key), loss))
+                continue
             if kind == "image":
                 if tok.image_codec is None:
                     raise _Skip("no_image_codec", "the document has an image but the bundle has no image codec")
@@ -136,14 +175,14 @@ def _parse(line: bytes, base: Path, tok, cfg: PretokenizeConfig) -> tuple[list, 
                 f = tok.image_codec.info.downsample
                 if min(im.size) < f:
                     raise _Skip("too_small", f"{path}: {im.width}x{im.height} is smaller than one {f}x{f} code")
-                items.append(("image", im, loss))
+                items.append(("image", im, loss, key))
             else:
                 if tok.audio_codec is None:
                     raise _Skip("no_audio_codec", "the document has audio but the bundle has no audio codec")
                 au = load_audio(path, sample_rate=tok.audio_codec.info.sample_rate, max_seconds=cfg.max_audio_seconds)
                 if au.num_samples < tok.audio_codec.info.downsample:
                     raise _Skip("too_short", f"{path}: {au.duration * 1000:.1f} ms is shorter than one frame")
-                items.append(("audio", au, loss))
+                items.append(("audio", au, loss, key))
         except MediaError as e:
             raise _Skip(e.reason, str(e)) from None
     if not items:
@@ -173,20 +212,29 @@ def _encode_chunk(chunk: tuple[int, int, int, int]) -> dict:
                 continue
             docs.append(items)
             sources.append(source or path.stem)
-    images = [v for d in docs for kind, v, _ in d if kind == "image"]
-    clips = [v for d in docs for kind, v, _ in d if kind == "audio"]
-    image_codes = iter(tok.encode_images(images) if images else [])
-    audio_codes = iter(tok.encode_audios(clips) if clips else [])
+    # Encode each distinct file of the chunk once (batched), remember its codes, then assemble the documents.
+    codes: dict = {}
+    cache = _W["cache"]
+    for kind, encode in (("image", tok.encode_images), ("audio", tok.encode_audios)):
+        todo = {}
+        for d in docs:
+            for item in d:
+                if item[0] == kind and item[3] not in todo:
+                    todo[item[3]] = item[1]
+        if todo:
+            for key, c in zip(todo, encode(list(todo.values()))):
+                codes[key] = c
+                cache.put(key, c)
     toks, masks, offsets = [], [], [0]
     for d in docs:
         ids, mask = [tok.bos_id], [0]
-        for kind, v, loss in d:
+        for kind, v, loss, *key in d:
             if kind == "text":
                 piece = tok.text.encode(v)
-            elif kind == "image":
-                piece = tok.image_span(next(image_codes))
+            elif kind in ("image", "image_codes"):
+                piece = tok.image_span(codes[key[0]] if kind == "image" else v)
             else:
-                piece = tok.audio_span(next(audio_codes))
+                piece = tok.audio_span(codes[key[0]] if kind == "audio" else v)
             ids += piece
             mask += [int(loss)] * len(piece)
         ids.append(tok.eos_id)

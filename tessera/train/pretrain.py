@@ -79,6 +79,7 @@ class TrainConfig:
     ckpt_every: int = 200
     keep_checkpoints: int = 2
     max_nan_skips: int = 5
+    code_embedding_init: bool = True  # start code embeddings from the codecs' code vectors (see below)
     fsdp: bool = False
     compile: bool = False
     activation_checkpointing: bool = False
@@ -132,6 +133,41 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.devi
         (no_decay if p.dim() < 2 or "tok_embeddings" in name else decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8, fused=True)
+
+
+@torch.no_grad()
+def init_code_embeddings(model: Transformer, bundle: str | Path, seed: int = 0) -> list[str]:
+    """Start the embedding (and output) rows of image and audio codes from the codecs' own code vectors.
+
+    A code's id says nothing about which codes resemble it, but the codec knows: FSQ codes are points on a
+    grid, RVQ codes are learned vectors. Each range's vectors are standardized and mapped to the model width
+    by a fixed random projection, scaled to the init std. Codes that the codec places close together then
+    start close together, so the decoder generalizes across codes from far fewer examples; the rows stay
+    ordinary trainable parameters. Returns the ranges it initialized.
+    """
+    from tessera.tokenizers.bundle import load_bundle
+
+    tok = load_bundle(bundle)
+    g = torch.Generator().manual_seed(seed)
+    std, dim = model.cfg.init_std, model.cfg.dim
+    done = []
+    for kind, codec in (("image", tok.image_codec), ("audio", tok.audio_codec)):
+        if codec is None or not hasattr(codec, "code_vectors"):
+            continue
+        vecs = codec.code_vectors().float().cpu()  # (levels, K, d)
+        for q in range(vecs.shape[0]):
+            v = vecs[q]
+            v = (v - v.mean(0)) / (v.std(0) + 1e-6)
+            proj = torch.randn(v.shape[1], dim, generator=g) / v.shape[1] ** 0.5
+            rows = v @ proj
+            rows = rows * (std / rows.std())
+            name = kind if kind == "image" else f"audio.{q}"
+            r = tok.layout.ranges[name]
+            model.tok_embeddings.weight[r.offset : r.end] = rows.to(model.tok_embeddings.weight)
+            if not model.cfg.tie_embeddings:
+                model.output.weight[r.offset : r.end] = rows.to(model.output.weight)
+            done.append(name)
+    return done
 
 
 # ------------------------------------------------------------------------------------------- evaluate
@@ -279,6 +315,10 @@ def _train(args, env) -> dict:
     else:
         model = Transformer(mcfg)
         model.init_weights(seed=tcfg.seed)
+        if tcfg.code_embedding_init and not resuming:
+            inited = init_code_embeddings(model, args.tokenizer, tcfg.seed)
+            if inited and env.is_main:
+                print(f"[tessera] code embeddings initialized from codec code vectors: {', '.join(inited)}")
         model.to(env.device)
         model = parallelize(model, env, compile=tcfg.compile, activation_checkpointing=tcfg.activation_checkpointing)
         autocast_dtype = dtype

@@ -63,6 +63,7 @@ class AudioCodecConfig:
     # for ~38k vectors per step). Scale it with the vectors per step: batch * frames per crop * ranks.
     dead_code_threshold: float = 2.0
     commitment_weight: float = 1.0
+    activation: str = "elu"  # "elu" (SEANet) or "snake" (BigVGAN/DAC: learns periodic structure faster)
 
     @property
     def hop(self) -> int:
@@ -144,13 +145,34 @@ class SConvTranspose1d(nn.Module):
         return y[..., left: y.shape[-1] - right]
 
 
-class ResidualUnit(nn.Module):
-    """SEANet residual unit: ELU, dilated 3-tap conv to half width, ELU, 1x1 conv back; identity skip."""
+class Snake(nn.Module):
+    """x + sin^2(a x) / a with a learned per channel (BigVGAN, DAC): a periodic bias that waveform decoders
+    otherwise take many steps to learn."""
 
-    def __init__(self, dim: int, dilation: int):
+    def __init__(self, channels: int):
         super().__init__()
-        self.block = nn.Sequential(nn.ELU(), SConv1d(dim, dim // 2, 3, dilation=dilation), nn.ELU(),
-                                   SConv1d(dim // 2, dim, 1))
+        self.alpha = nn.Parameter(torch.ones(1, channels, 1))
+
+    def forward(self, x):
+        a = self.alpha
+        return x + torch.sin(a * x).pow(2) / (a + 1e-9)
+
+
+def activation(kind: str, channels: int) -> nn.Module:
+    if kind == "elu":
+        return nn.ELU()
+    if kind == "snake":
+        return Snake(channels)
+    raise ValueError(f"unknown activation {kind!r}: elu or snake")
+
+
+class ResidualUnit(nn.Module):
+    """SEANet residual unit: act, dilated 3-tap conv to half width, act, 1x1 conv back; identity skip."""
+
+    def __init__(self, dim: int, dilation: int, act: str = "elu"):
+        super().__init__()
+        self.block = nn.Sequential(activation(act, dim), SConv1d(dim, dim // 2, 3, dilation=dilation),
+                                   activation(act, dim // 2), SConv1d(dim // 2, dim, 1))
 
     def forward(self, x):
         return x + self.block(x)
@@ -178,12 +200,13 @@ class SEANetEncoder(nn.Module):
         super().__init__()
         ch = _stage_channels(cfg)
         layers: list[nn.Module] = [SConv1d(1, ch[0], 7)]
+        act = cfg.activation
         for i, s in enumerate(reversed(cfg.strides)):
-            layers += [ResidualUnit(ch[i], 3**j) for j in range(cfg.residual_layers)]
-            layers += [nn.ELU(), SConv1d(ch[i], ch[i + 1], 2 * s, stride=s)]
+            layers += [ResidualUnit(ch[i], 3**j, act) for j in range(cfg.residual_layers)]
+            layers += [activation(act, ch[i]), SConv1d(ch[i], ch[i + 1], 2 * s, stride=s)]
         if cfg.lstm_layers:
             layers.append(FrameLSTM(ch[-1], cfg.lstm_layers))
-        layers += [nn.ELU(), SConv1d(ch[-1], cfg.dim, 7)]
+        layers += [activation(act, ch[-1]), SConv1d(ch[-1], cfg.dim, 7)]
         self.net = nn.Sequential(*layers)
 
     def forward(self, x):  # (B, 1, T) -> (B, dim, T / hop)
@@ -197,10 +220,11 @@ class SEANetDecoder(nn.Module):
         layers: list[nn.Module] = [SConv1d(cfg.dim, ch[0], 7)]
         if cfg.lstm_layers:
             layers.append(FrameLSTM(ch[0], cfg.lstm_layers))
+        act = cfg.activation
         for i, s in enumerate(cfg.strides):
-            layers += [nn.ELU(), SConvTranspose1d(ch[i], ch[i + 1], 2 * s, stride=s)]
-            layers += [ResidualUnit(ch[i + 1], 3**j) for j in range(cfg.residual_layers)]
-        layers += [nn.ELU(), SConv1d(ch[-1], 1, 7)]
+            layers += [activation(act, ch[i]), SConvTranspose1d(ch[i], ch[i + 1], 2 * s, stride=s)]
+            layers += [ResidualUnit(ch[i + 1], 3**j, act) for j in range(cfg.residual_layers)]
+        layers += [activation(act, ch[-1]), SConv1d(ch[-1], 1, 7)]
         self.net = nn.Sequential(*layers)
 
     def forward(self, z):  # (B, dim, F) -> (B, 1, F * hop)
@@ -353,6 +377,12 @@ class AudioCodec:
         stored = CodecInfo.from_dict(meta["info"])
         if stored != cfg.info():
             raise CodecError(f"{path}/codec.json: info {stored} disagrees with the config ({cfg.info()})")
+        # A codebook whose k-means init never ran would initialize itself from the first batch it encodes,
+        # making codes depend on what was encoded first: refuse it rather than encode non-deterministically.
+        fresh = [n for n, b in model.named_buffers() if n.endswith("initted") and not bool(b.all())]
+        if fresh:
+            raise CodecError(f"{path}: codebook(s) {', '.join(fresh)} were never initialized (saved before training "
+                             "reached the quantizer's k-means init)")
         return cls(remove_weight_norm(model), device=device)
 
     @staticmethod
@@ -363,6 +393,14 @@ class AudioCodec:
         save_tensors(path / "model.safetensors", dict(model.state_dict()))
         atomic_write_json(path / "codec.json", {"format": CODEC_FORMAT, "version": CODEC_VERSION, "kind": "audio",
                                                 "info": model.cfg.info().to_dict(), "config": to_dict(model.cfg)})
+
+    def code_vectors(self) -> torch.Tensor:
+        """The vector each code stands for, per level: (n_q, codebook_size, dim)."""
+        q = self.model.quantizer
+        if q.kind == "rvq":
+            return q.codebooks().detach().float().cpu()
+        implicit = q.rq.layers[0].implicit_codebook.detach().float().cpu()  # FSQ: the same grid at every level
+        return implicit[None].expand(q.num_quantizers, -1, -1).clone()
 
     def to(self, device) -> AudioCodec:
         self.device = torch.device(device)

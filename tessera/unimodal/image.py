@@ -397,6 +397,12 @@ class ImageCodec(nn.Module):
         return self.decode(self.encode(images))
 
     # ---------------------------------------------------------------------------------------- files
+    @torch.no_grad()
+    def code_vectors(self) -> torch.Tensor:
+        """The latent each code stands for (what the decoder receives): (1, codebook_size, z_channels)."""
+        codes = torch.arange(self.info.codebook_size, device=self.device).view(1, -1, 1)
+        return self.quantizer.latent(codes)[0, :, :, 0].T[None].float().cpu()
+
     def codec_meta(self) -> dict:
         return {"format": CODEC_FORMAT, "version": CODEC_VERSION, "kind": "image", "info": self.info.to_dict(),
                 "config": to_dict(self.config)}
