@@ -87,3 +87,26 @@ def test_help_lists_existing_commands(capsys):
         cli(["tokenizer", "--help"])
     out = capsys.readouterr().out
     assert "build" in out and "train" in out
+
+
+def test_a_bundle_can_keep_the_first_audio_levels_of_a_real_codec(tmp_path, text_dir, codec_bundle):
+    import numpy as np
+
+    from tessera.unimodal.media import Audio
+
+    full = load_bundle(codec_bundle)
+    assert cli(["tokenizer", "build", "--text", str(text_dir), "--audio", str(codec_bundle / "audio"),
+                "--audio-levels", "2", "--out", str(tmp_path / "b2")]) == 0
+    tok = load_bundle(tmp_path / "b2")
+    assert tok.layout.audio_levels == 2 and set(r for r in tok.layout.ranges if r.startswith("audio.")) == {
+        "audio.0", "audio.1"}
+    clip = Audio(0.3 * np.sin(np.arange(8000, dtype=np.float32) / 9), 16000)
+    codes4, codes2 = full.encode_audios([clip])[0], tok.encode_audios([clip])[0]
+    assert codes2.shape[0] == 2 and np.array_equal(codes2, codes4[:2])  # the first two levels, unchanged
+    ids = tok.encode([clip])
+    assert len(ids) == 2 + 2 * codes2.shape[1]  # <boa>, two codes per frame, <eoa>
+    (back,) = tok.decode(ids, strict=True)
+    assert back.sample_rate == 16000 and back.num_samples == codes2.shape[1] * full.audio_codec.info.downsample
+    for bad in (0, 5):
+        with pytest.raises(BundleError, match="between 1 and the audio codec's 4 levels"):
+            build_bundle(tmp_path / f"x{bad}", text_dir, audio=codec_bundle / "audio", audio_levels=bad)

@@ -123,6 +123,9 @@ def test_unknown_override_is_an_error(corpus, tmp_path, capsys):
     assert pretrain.main(args(corpus, tmp_path / "r", "--set", "lrr=1")) == 2
     assert "no key 'lrr'" in capsys.readouterr().err
     assert pretrain.main(args(corpus, tmp_path / "r", "--set", "model.dimm=1")) == 2
+    capsys.readouterr()
+    assert pretrain.main(args(corpus, tmp_path / "r", "--set", "dim=64")) == 2  # a model key without its prefix
+    assert "write --set model.dim=64" in capsys.readouterr().err
 
 
 def test_code_embeddings_start_from_the_codecs_code_vectors(codec_bundle):
@@ -138,7 +141,7 @@ def test_code_embeddings_start_from_the_codecs_code_vectors(codec_bundle):
     model.init_weights(seed=0)
     before = model.tok_embeddings.weight.detach().clone()
     done = pretrain.init_code_embeddings(model, codec_bundle)
-    assert done == ["image"] + [f"audio.{q}" for q in range(tok.audio_codec.info.levels)]
+    assert done == ["image"] + [f"audio.{q}" for q in range(tok.layout.audio_levels)]
     emb = model.tok_embeddings.weight.detach()
     text = tok.layout.ranges["text"]
     assert torch.equal(emb[text.offset:text.end], before[text.offset:text.end])  # text rows untouched

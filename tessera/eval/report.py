@@ -89,6 +89,11 @@ def _codec_table(title: str, ours: dict | None, classic_key: str, cols: list[tup
     for row in ours.get(classic_key, []):
         label = f"{classic_key} q={row['quality']}" if "quality" in row else f"{classic_key} {row.get('kbps', row.get('bitrate', ''))}"
         lines.append(f"| {label} | " + " | ".join(fmt(row.get(k, "")) for _, k in cols) + " |")
+    judge = ours.get("judge")
+    if judge:
+        lines += ["", f"The speech-digit judge names {judge['accuracy_reconstructed']:.3f} of the reconstructed "
+                      f"held-out clips correctly ({judge['accuracy_original']:.3f} of the originals; ratio "
+                      f"{judge['ratio']:.3f}), decoding from {ours.get('n_q', '?')} level(s)."]
     return lines + [""]
 
 

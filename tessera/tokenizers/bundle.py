@@ -45,9 +45,15 @@ def build_bundle(
     *,
     max_grid: int = DEFAULT_MAX_GRID,
     n_reserved: int = DEFAULT_RESERVED,
+    audio_levels: int | None = None,
     force: bool = False,
 ) -> dict:
-    """Assemble a bundle from a text codec directory and optional image/audio codec directories."""
+    """Assemble a bundle from a text codec directory and optional image/audio codec directories.
+
+    `audio_levels` keeps only the first K residual levels of the audio codec in the vocabulary (default:
+    all of them): a codec trained with quantizer dropout decodes from any prefix of its levels, so one codec
+    serves several bitrates, and each level dropped shortens every audio span by one token per frame.
+    """
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not force:
         raise BundleError(f"{out} already exists; pass --force to replace it")
@@ -64,11 +70,18 @@ def build_bundle(
         if info.kind != kind:
             raise BundleError(f"{src} holds a {info.kind} codec, but was given as --{kind}")
         infos[kind] = info
+    levels = infos["audio"].levels if "audio" in infos else 0
+    if audio_levels is not None:
+        if "audio" not in infos:
+            raise BundleError("audio_levels was given without an audio codec")
+        if not 1 <= audio_levels <= levels:
+            raise BundleError(f"audio_levels must be between 1 and the audio codec's {levels} levels, got {audio_levels}")
+        levels = audio_levels
     layout = VocabLayout(
         text_size=text_tok.vocab_size,
         image_codebook_size=infos["image"].codebook_size if "image" in infos else 0,
         audio_codebook_size=infos["audio"].codebook_size if "audio" in infos else 0,
-        audio_levels=infos["audio"].levels if "audio" in infos else 0,
+        audio_levels=levels,
         max_grid=max_grid,
         n_reserved=n_reserved,
     )

@@ -15,12 +15,14 @@ def add_build_arguments(p) -> None:
     p.add_argument("--out", required=True, metavar="BUNDLE")
     p.add_argument("--max-grid", type=int, default=DEFAULT_MAX_GRID, help="largest image grid side, in codes")
     p.add_argument("--reserved", type=int, default=DEFAULT_RESERVED, help="reserved special slots")
+    p.add_argument("--audio-levels", type=int, default=None, metavar="K",
+                   help="keep the audio codec's first K residual levels (default: all)")
     p.add_argument("--force", action="store_true", help="replace an existing bundle")
 
 
 def run_build(args) -> int:
     spec = build_bundle(args.out, args.text, args.image, args.audio, max_grid=args.max_grid,
-                        n_reserved=args.reserved, force=args.force)
+                        n_reserved=args.reserved, audio_levels=args.audio_levels, force=args.force)
     print(describe(spec))
     print(f"bundle -> {args.out}")
     return 0

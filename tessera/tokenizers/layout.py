@@ -289,7 +289,7 @@ class VocabLayout:
                     f"audio codec has {audio_info.codebook_size} codes per level but the layout has "
                     f"{self.audio_codebook_size}"
                 )
-            if audio_info.levels != self.audio_levels:
+            if audio_info.levels < self.audio_levels:
                 raise LayoutError(
                     f"audio codec has {audio_info.levels} residual levels but the layout has {self.audio_levels}"
                 )

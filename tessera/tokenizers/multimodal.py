@@ -203,7 +203,8 @@ class MultimodalTokenizer:
 
     @torch.no_grad()
     def encode_audios(self, clips: Sequence[Audio], batch_size: int = 32) -> list[np.ndarray]:
-        """Encode clips to (n_q, frames) codes, batching clips of equal length."""
+        """Encode clips to (n_q, frames) codes, batching clips of equal length; n_q is the layout's number of
+        audio levels (the codec's first n_q levels)."""
         if self.audio_codec is None:
             raise ValueError("this tokenizer has no audio codec; build the bundle with --audio")
         sr = self.audio_codec.info.sample_rate
@@ -216,7 +217,7 @@ class MultimodalTokenizer:
             for s in range(0, len(idx), batch_size):
                 chunk = idx[s : s + batch_size]
                 x = torch.stack([waves[i] for i in chunk]).to(self.device)
-                codes = self.audio_codec.encode(x, sr).cpu().numpy()
+                codes = self.audio_codec.encode(x, sr)[:, : self.layout.audio_levels].cpu().numpy()
                 for j, i in enumerate(chunk):
                     out[i] = codes[j]
         return out  # type: ignore[return-value]

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import math
 import os
 import shutil
@@ -155,7 +156,7 @@ def init_code_embeddings(model: Transformer, bundle: str | Path, seed: int = 0) 
         if codec is None or not hasattr(codec, "code_vectors"):
             continue
         vecs = codec.code_vectors().float().cpu()  # (levels, K, d)
-        for q in range(vecs.shape[0]):
+        for q in range(vecs.shape[0] if kind == "image" else tok.layout.audio_levels):  # the levels in the vocabulary
             v = vecs[q]
             v = (v - v.mean(0)) / (v.std(0) + 1e-6)
             proj = torch.randn(v.shape[1], dim, generator=g) / v.shape[1] ** 0.5
@@ -204,8 +205,14 @@ class RunError(TesseraError):
 
 
 def _parse_overrides(items: list[str]) -> tuple[list[str], list[str]]:
+    """Split `--set` items into model overrides (`model.KEY=V`) and training overrides (`KEY=V`)."""
     model, train = [], []
+    model_keys = {f.name for f in dataclasses.fields(ModelConfig)}
+    train_keys = {f.name for f in dataclasses.fields(TrainConfig)}
     for item in items or []:
+        key = item.split("=", 1)[0].strip().replace("-", "_")
+        if key in model_keys and key not in train_keys:
+            raise ConfigError(f"--set {item}: {key!r} is a model setting; write --set model.{item}")
         (model if item.startswith("model.") else train).append(item[len("model."):] if item.startswith("model.") else item)
     return model, train
 

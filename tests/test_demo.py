@@ -1,0 +1,46 @@
+"""`tessera demo --fast` end to end, through the console script, on CPU: every stage runs, the report is
+complete, and a second run reuses every finished stage."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import soundfile as sf
+from PIL import Image
+
+TASK_KEYS = {"caption_acc", "draw_acc", "transcribe_acc", "speak_acc", "speech_to_image_acc", "ppl"}
+STAGES = ["corpus", "text", "image", "audio", "bundle", "shards", "test_shards", "pretrain", "eval", "image_eval",
+          "audio_eval", "report"]
+
+
+@pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="the demo needs espeak-ng (scripts/setup.sh installs it)")
+def test_fast_demo_runs_end_to_end_and_reuses_finished_stages(tmp_path):
+    out = tmp_path / "demo"
+    cmd = [sys.executable, "-m", "tessera", "demo", "--fast", "--out", str(out)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["tasks"]) == TASK_KEYS
+    for task in TASK_KEYS - {"ppl"}:
+        assert 0.0 <= report["tasks"][task]["value"] <= 1.0 and report["tasks"][task]["n"] > 0
+    assert set(report["tasks"]["ppl"]["value"]) == {"text", "image", "audio"}
+    assert list(report["stages"]) == STAGES and all(s["seconds"] >= 0 for s in report["stages"].values())
+    assert report["total_seconds"] > 0
+    assert report["image_codec"]["jpeg"] and report["audio_codec"]["opus"]
+    md = (out / "report.md").read_text()
+    for needle in ("caption_acc", "JPEG", "Opus", "training_curves.png", "generated_digits.png", "Whole demo"):
+        assert needle in md, needle
+    grid = Image.open(out / "generated_digits.png")
+    assert grid.width > grid.height / 10 and grid.height >= 10 * 16  # one row per digit
+    Image.open(out / "training_curves.png").verify()
+    wavs = sorted((out / "speech").glob("*.wav"))
+    assert len(wavs) == len(report["speech"]) >= 3
+    for w in wavs:
+        data, sr = sf.read(w)
+        assert sr == 16000 and len(data) > 0
+    # a second run reuses every finished stage
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert again.stdout.count(": reused (") == len(STAGES) - 1
