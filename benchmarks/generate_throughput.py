@@ -1,6 +1,6 @@
 """Generation speed: tessera's decoding loop next to HF `generate` on the same exported weights, in one run.
 
-For each preset: a randomly initialized decoder over the demo vocabulary (text 512 + image 1000 + audio
+For each preset: a randomly initialized decoder over a demo-sized vocabulary (text 384 + image 1000 + audio
 4 x 1024), exported to transformers; batch 1, greedy, 256 new tokens (end-of-text disabled on both sides so
 every run decodes exactly 256), text-only vocabulary mask on both sides (tessera's constrained decoder, an
 equivalent LogitsProcessor for HF). The greedy ids must be identical. Runs alternate and the median of
@@ -38,7 +38,7 @@ def demo_bundle(root: Path) -> Path:
 
     lines = [t.format(w=w, d=d) for t in CAPTIONS + DRAW_PROMPTS for d, w in enumerate(DIGIT_WORDS)] * 20
     (root / "text.txt").write_text("\n".join(lines) + "\n")
-    train_text_tokenizer([root / "text.txt"], root / "text", TextTrainConfig(vocab_size=512), progress=False)
+    train_text_tokenizer([root / "text.txt"], root / "text", TextTrainConfig(vocab_size=384), progress=False)
     torch.manual_seed(0)
     ImageCodec(image_preset("tiny")).save(root / "image")
     audio = SEANetCodec(audio_codec_config("tiny"))

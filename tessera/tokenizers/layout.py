@@ -291,7 +291,8 @@ class VocabLayout:
                 )
             if audio_info.levels < self.audio_levels:
                 raise LayoutError(
-                    f"audio codec has {audio_info.levels} residual levels but the layout has {self.audio_levels}"
+                    f"audio codec has {audio_info.levels} residual levels but the layout has {self.audio_levels} "
+                    "(a layout can use a codec's first levels, not more than it has)"
                 )
 
 
