@@ -31,17 +31,23 @@ class JudgeError(TesseraError):
     pass
 
 
-def corpus_speech(corpus: str | Path, split: str) -> list[tuple[Path, int]]:
-    """(path, digit) pairs of the digits corpus's speech split ("train" or "test"), from meta.json."""
+def corpus_split(corpus: str | Path, kind: str, split: str) -> list[tuple[Path, int]]:
+    """(path, digit) pairs of a digits corpus's `kind` ("images" or "speech") `split` ("train" or "test"),
+    from its meta.json."""
     root = Path(corpus)
     meta_path = root / "meta.json"
     if not meta_path.is_file():
         raise JudgeError(f"{root} is not a digits corpus: meta.json is missing (build one with `tessera data digits`)")
     meta = read_json(meta_path)
     try:
-        return [(root / e["path"], int(e["label"])) for e in meta["speech"][split]]
+        return [(root / e["path"], int(e["label"])) for e in meta[kind][split]]
     except (KeyError, TypeError) as e:
-        raise JudgeError(f"{meta_path}: no speech/{split} entries ({e})") from None
+        raise JudgeError(f"{meta_path}: no {kind}/{split} entries ({e})") from None
+
+
+def corpus_speech(corpus: str | Path, split: str) -> list[tuple[Path, int]]:
+    """(path, digit) pairs of the digits corpus's speech split ("train" or "test")."""
+    return corpus_split(corpus, "speech", split)
 
 
 class SpeechDigitJudge:
@@ -119,16 +125,8 @@ def _at_rate(w: np.ndarray, sr: int) -> np.ndarray:
 
 
 def corpus_images(corpus: str | Path, split: str) -> list[tuple[Path, int]]:
-    """(path, digit) pairs of the digits corpus's image split ("train" or "test"), from meta.json."""
-    root = Path(corpus)
-    meta_path = root / "meta.json"
-    if not meta_path.is_file():
-        raise JudgeError(f"{root} is not a digits corpus: meta.json is missing (build one with `tessera data digits`)")
-    meta = read_json(meta_path)
-    try:
-        return [(root / e["path"], int(e["label"])) for e in meta["images"][split]]
-    except (KeyError, TypeError) as e:
-        raise JudgeError(f"{meta_path}: no images/{split} entries ({e})") from None
+    """(path, digit) pairs of the digits corpus's image split ("train" or "test")."""
+    return corpus_split(corpus, "images", split)
 
 
 class ImageDigitJudge:
