@@ -134,6 +134,29 @@ def apply_overrides(cfg: T, overrides: list[str] | dict[str, Any] | None) -> T:
     return dataclasses.replace(cfg, **changes)
 
 
+def split_overrides(overrides: list[str] | None, model_cls: type, train_cls: type,
+                    unknown: str) -> tuple[list[str], list[str]]:
+    """Route `key=value` overrides to a model config (`model_cls`) or a training config (`train_cls`).
+
+    A key in neither is an error: `unknown` is its message, with `{key}` for the key; the valid keys of both
+    are appended."""
+    mkeys = {f.name for f in dataclasses.fields(model_cls)}
+    tkeys = {f.name for f in dataclasses.fields(train_cls)}
+    model, train = [], []
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        k = item.split("=", 1)[0].strip().replace("-", "_")
+        if k in mkeys:
+            model.append(item)
+        elif k in tkeys:
+            train.append(item)
+        else:
+            raise ConfigError(f"{unknown.format(key=repr(k))}; model keys: {', '.join(sorted(mkeys))}; "
+                              f"training keys: {', '.join(sorted(tkeys))}")
+    return model, train
+
+
 def preset(presets: dict[str, Any], name: str, kind: str) -> Any:
     """Look up a named preset; an unknown name lists the known ones."""
     if name not in presets:

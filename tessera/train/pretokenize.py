@@ -165,8 +165,9 @@ def _parse(line: bytes, base: Path, tok, cfg: PretokenizeConfig) -> tuple[list, 
         cache = _W.get("cache")
         try:
             key = cache.key(kind, path) if cache is not None and path.is_file() else None
-            if key is not None and cache.get(key) is not None:
-                items.append((kind + "_codes", cache.get(key), loss))
+            hit = cache.get(key) if key is not None else None
+            if hit is not None:
+                items.append((kind + "_codes", hit, loss))
                 continue
             if kind == "image":
                 if tok.image_codec is None:

@@ -24,7 +24,6 @@ clipped clips are kept and counted, and clips longer than `max_clip_seconds` are
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import random
@@ -39,6 +38,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from tessera.config import ConfigError, apply_overrides, from_dict, preset, to_dict
+from tessera.config import split_overrides as _split_overrides
 from tessera.storage import atomic_write_json
 from tessera.train.checkpoint import (CheckpointManager, capture_rng, flatten_optimizer_state, restore_rng,
                                       unflatten_optimizer_state)
@@ -100,23 +100,9 @@ TRAIN_PRESETS: dict[str, AudioTrainConfig] = {
 }
 
 
-def split_overrides(overrides: list[str]) -> tuple[list[str], list[str]]:
-    """Route `key=value` overrides to the model config or the training config; unknown keys are errors."""
-    mkeys = {f.name for f in dataclasses.fields(AudioCodecConfig)}
-    tkeys = {f.name for f in dataclasses.fields(AudioTrainConfig)}
-    model, train = [], []
-    for item in overrides or []:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} is not of the form key=value")
-        k = item.split("=", 1)[0].strip().replace("-", "_")
-        if k in mkeys:
-            model.append(item)
-        elif k in tkeys:
-            train.append(item)
-        else:
-            raise ConfigError(f"unknown audio codec key {k!r}; model keys: {', '.join(sorted(mkeys))}; "
-                              f"training keys: {', '.join(sorted(tkeys))}")
-    return model, train
+def split_overrides(overrides: list[str] | None) -> tuple[list[str], list[str]]:
+    """Route `key=value` overrides to the codec config or the training config; unknown keys are errors."""
+    return _split_overrides(overrides, AudioCodecConfig, AudioTrainConfig, "unknown audio codec key {key}")
 
 
 # ----------------------------------------------------------------------------------------- discriminator

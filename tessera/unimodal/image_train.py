@@ -28,7 +28,6 @@ OUT/train_summary.json.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import math
 import time
@@ -40,6 +39,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from tessera.config import ConfigError, apply_overrides, from_dict, preset, to_dict
+from tessera.config import split_overrides as _split_overrides
 from tessera.storage import atomic_write_json
 from tessera.train.checkpoint import (
     CheckpointManager,
@@ -168,21 +168,7 @@ class PatchDiscriminator(nn.Module):
 # ---------------------------------------------------------------------------------------------- configs
 def split_overrides(overrides: list[str] | None) -> tuple[list[str], list[str]]:
     """Route `key=value` overrides to the codec config or the training config; unknown keys are errors."""
-    m_keys = {f.name for f in dataclasses.fields(ImageCodecConfig)}
-    t_keys = {f.name for f in dataclasses.fields(ImageTrainConfig)}
-    m_ov, t_ov = [], []
-    for item in overrides or []:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} is not of the form key=value")
-        key = item.split("=", 1)[0].strip().replace("-", "_")
-        if key in m_keys:
-            m_ov.append(item)
-        elif key in t_keys:
-            t_ov.append(item)
-        else:
-            raise ConfigError(f"image codec has no key {key!r}; codec keys: {', '.join(sorted(m_keys))}; "
-                              f"training keys: {', '.join(sorted(t_keys))}")
-    return m_ov, t_ov
+    return _split_overrides(overrides, ImageCodecConfig, ImageTrainConfig, "image codec has no key {key}")
 
 
 def resolve_configs(preset_name: str, overrides: list[str] | None) -> tuple[ImageCodecConfig, ImageTrainConfig]:
