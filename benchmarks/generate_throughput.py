@@ -7,7 +7,13 @@ equivalent LogitsProcessor for HF). The greedy ids must be identical. Runs alter
 `--rounds` is reported, with the ratio. It also times image generation with classifier-free guidance
 (seconds per image): the demo's 4x4-code digit and a 16x16-code (256-token) image.
 
-    python benchmarks/generate_throughput.py [--presets demo,small] [--new-tokens 256]
+Each preset also gets a floor: the time of the decode step's matrix-vector products alone (every weight
+matrix once, as one token reads them), the memory-bound limit of any fp32 decoder at batch 1 on this
+machine. `floor_tokens_per_s / hf_tokens_per_s` is the largest ratio an exact fp32 decoder could reach.
+`--compile` adds tessera with its decode step compiled (`Tessera.compile()`; the compile time is reported
+apart and not counted).
+
+    python benchmarks/generate_throughput.py [--presets demo,small] [--new-tokens 256] [--compile]
     python benchmarks/generate_throughput.py --gpu-1b        # CUDA: also 1b, seconds per 256-token image
 
 Writes benchmarks/results/generate_throughput.json.
@@ -51,7 +57,7 @@ def demo_bundle(root: Path) -> Path:
     return root / "bundle"
 
 
-def bench(preset: str, bundle: Path, new_tokens: int, rounds: int, device) -> dict:
+def bench(preset: str, bundle: Path, new_tokens: int, rounds: int, device, compile_step: bool = False) -> dict:
     from transformers import LogitsProcessor, LogitsProcessorList
 
     from tessera.model.api import random_model
@@ -79,9 +85,10 @@ def bench(preset: str, bundle: Path, new_tokens: int, rounds: int, device) -> di
     ids = torch.tensor([prompt], device=device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
-    def ours():
+    def ours(compiled=False):
         steps = decode(m.model, [prompt], fsm, FSMConfig(), start_state=TEXT, max_new_tokens=new_tokens,
-                       sampling=SamplingConfig(temperature=0), pad_id=L.pad)
+                       sampling=SamplingConfig(temperature=0), pad_id=L.pad, step_fn=m._step_fn if compiled else None,
+                       static_cache=compiled)
         return torch.stack(list(steps), 1)[0].tolist()
 
     def theirs():
@@ -98,16 +105,39 @@ def bench(preset: str, bundle: Path, new_tokens: int, rounds: int, device) -> di
         sync()
         return time.perf_counter() - t, r
 
+    weights = [mod.weight for mod in m.model.modules() if isinstance(mod, torch.nn.Linear)]
+    vecs = [torch.randn(1, 1, w.shape[1], device=device, dtype=w.dtype) for w in weights]
+
+    def floor():  # one token's matrix-vector products, nothing else
+        with torch.no_grad():
+            for _ in range(new_tokens):
+                for w, x in zip(weights, vecs):
+                    torch.nn.functional.linear(x, w)
+
     a_out, b_out = ours(), theirs()  # warm-up, and the identity check
-    a, b = [], []
+    timed(floor)
+    a, b, f = [], [], []
     for _ in range(rounds):
         a.append(timed(ours)[0])
         b.append(timed(theirs)[0])
+        f.append(timed(floor)[0])
     res = {"preset": preset, "params": m.model.num_params(False), "new_tokens": new_tokens,
            "tessera_tokens_per_s": round(new_tokens / statistics.median(a), 1),
            "hf_tokens_per_s": round(new_tokens / statistics.median(b), 1),
+           "floor_tokens_per_s": round(new_tokens / statistics.median(f), 1),
            "identical_greedy_ids": a_out == b_out}
     res["ratio"] = round(res["tessera_tokens_per_s"] / res["hf_tokens_per_s"], 3)
+    res["floor_ratio"] = round(res["floor_tokens_per_s"] / res["hf_tokens_per_s"], 3)
+    if compile_step:
+        t = time.perf_counter()
+        m.compile()
+        c_out = ours(compiled=True)
+        res["compile_seconds"] = round(time.perf_counter() - t, 1)
+        c = [timed(lambda: ours(compiled=True))[0] for _ in range(rounds)]
+        res["tessera_compiled_tokens_per_s"] = round(new_tokens / statistics.median(c), 1)
+        res["compiled_ratio"] = round(res["tessera_compiled_tokens_per_s"] / res["hf_tokens_per_s"], 3)
+        res["compiled_identical_greedy_ids"] = c_out == b_out
+        m._step_fn = None
     for name, size in (("demo_image_4x4", None), ("image_16x16", (128, 128))):
         m.generate("a drawing of the digit seven", output="image", cfg_scale=3.0, seed=0, image_size=size)
         times = [timed(lambda: m.generate("a drawing of the digit seven", output="image", cfg_scale=3.0, seed=s,
@@ -122,6 +152,7 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=256)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--gpu-1b", action="store_true")
+    p.add_argument("--compile", action="store_true", help="also time tessera with its decode step compiled")
     p.add_argument("--out", default=str(RESULTS))
     args = p.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -130,7 +161,7 @@ def main() -> None:
         bundle = demo_bundle(Path(tmp))
         presets = args.presets.split(",") + (["1b"] if args.gpu_1b else [])
         for preset in presets:
-            r = bench(preset, bundle, args.new_tokens, args.rounds, device)
+            r = bench(preset, bundle, args.new_tokens, args.rounds, device, args.compile)
             print(json.dumps(r), flush=True)
             runs.append(r)
     machine = {"device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",

@@ -294,7 +294,9 @@ def test_train_resume_and_eval_through_the_cli(tmp_path, speech_dir, capsys):
     shutil.copytree(speech_dir, data)
     write_bad_corpus(data / "bad")  # bad files mixed in never stop a run
     out_a, out_b = tmp_path / "a", tmp_path / "b"
-    common = ["tokenizer", "train", "audio", "--data", str(data), "--preset", "tiny", "--no-progress", *FAST]
+    # no lr cooldown: with one, a 2-step budget would cool down over its own 2 steps
+    common = ["tokenizer", "train", "audio", "--data", str(data), "--preset", "tiny", "--no-progress", *FAST,
+              "--set", "cooldown=0"]
     assert run_cli(*common, "--out", str(out_a), "--max-steps", "4") == 0
     assert run_cli(*common, "--out", str(out_b), "--max-steps", "2") == 0
     assert run_cli(*common, "--out", str(out_b), "--max-steps", "4", "--resume") == 0

@@ -212,6 +212,19 @@ def test_static_cache_equals_dynamic(m):
     assert torch.equal(a, b)
 
 
+def test_untracked_span_kinds_change_nothing(m, monkeypatch):
+    """The decoder skips the FSM work of span kinds a generation cannot reach; tracking every kind gives the
+    same tokens, for each output kind and for sampled and padded batches."""
+    cases = [("text", dict(temperature=0)), ("text", dict(temperature=1.5, seed=3)),
+             ("image", dict(temperature=1.0, seed=4)), ("audio", dict(temperature=1.0, seed=5, max_audio_seconds=0.5))]
+    prompts = ["hi", "a somewhat longer prompt"]
+    fast = [m.generate_ids(prompts, output=o, max_new_tokens=24, **kw) for o, kw in cases]
+    assert SpanFSM.reachable(m.fsm, FSMConfig(), TEXT) == (False, False)
+    monkeypatch.setattr(SpanFSM, "reachable", lambda self, cfg, start: (True, True))
+    full = [m.generate_ids(prompts, output=o, max_new_tokens=24, **kw) for o, kw in cases]
+    assert fast == full
+
+
 def test_bad_requests_are_clear(m):
     with pytest.raises(ValueError, match="multiples"):
         m.generate("x", output="image", image_size=(10, 10))

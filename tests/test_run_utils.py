@@ -7,7 +7,7 @@ import torch
 from tessera.config import ConfigError, apply_overrides, from_dict, to_dict
 from tessera.train.checkpoint import (CheckpointManager, capture_rng, flatten_optimizer_state, restore_rng,
                                       unflatten_optimizer_state)
-from tessera.train.monitor import MetricsLogger, RunBudget, read_metrics
+from tessera.train.monitor import MetricsLogger, RunBudget, read_metrics, wsd_factor
 from dataclasses import dataclass, field
 
 
@@ -97,3 +97,16 @@ def test_budget():
     assert not b.should_stop(4) and b.should_stop(5) and b.reason == "max_steps"
     b = RunBudget(max_minutes=0.0, handle_signals=False)
     assert b.should_stop(0) and b.reason == "max_minutes"
+
+
+def test_budget_fraction_and_warmup_stable_decay():
+    b = RunBudget(max_steps=100, handle_signals=False)
+    assert b.fraction(0) == 0.0 and b.fraction(50) == 0.5 and b.fraction(250) == 1.0
+    assert RunBudget(handle_signals=False).fraction(10**6) == 0.0  # unbounded: never cools down
+    b = RunBudget(max_steps=10**6, max_minutes=1e-9, handle_signals=False)
+    assert b.fraction(1) == 1.0  # minutes spent count, whichever share is larger
+    # warmup over 10 steps, flat, then linear to 0 over the last 30%
+    assert wsd_factor(0, 0.0, 10, 0.3) == pytest.approx(0.1)
+    assert wsd_factor(50, 0.5, 10, 0.3) == 1.0 and wsd_factor(50, 0.7, 10, 0.3) == pytest.approx(1.0)
+    assert wsd_factor(85, 0.85, 10, 0.3) == pytest.approx(0.5) and wsd_factor(100, 1.0, 10, 0.3) == 0.0
+    assert wsd_factor(100, 1.0, 10, 0.0) == 1.0  # cooldown 0: no decay

@@ -70,12 +70,24 @@ class SpanFSM:
         self.R_EOA = row(ids=[L.eoa])
         self.R_DONE = row(ids=[L.pad])
         self.rows = torch.stack(rows).to(self.device)
+        # the table row of each state (AUDIO's depends on the level, and is chosen in `allowed`)
+        self.state_row = torch.tensor([self.R_TEXT, self.R_H, self.R_W, self.R_CODES, self.R_END, self.R_DONE,
+                                       self.R_DONE], device=self.device)
+        self.audio_rows = torch.tensor(self.R_AUDIO or [self.R_DONE], device=self.device)
         self.grid = torch.arange(1, L.max_grid + 1, device=self.device)
         # span opened in TEXT needs at least: <boi> <h> <w> code <eoi> = 5, <boa> frame <eoa> = n_q + 2
         self.min_image_span = 5
         self.min_audio_span = self.nq + 2
 
     # --------------------------------------------------------------------------------------- state
+    def reachable(self, cfg: FSMConfig, start_state: int) -> tuple[bool, bool]:
+        """(image, audio): can a generation starting in `start_state` ever be inside such a span?
+
+        Passed to `allowed`/`advance`, which then skip the tensor ops of spans that cannot occur."""
+        image = (cfg.allow_image and self.L.has_image) or start_state in (H, W, CODES, END)
+        audio = bool(self.nq) and ((cfg.allow_audio and self.L.has_audio) or start_state == AUDIO)
+        return image, audio
+
     def init_state(self, batch: int, start_state: int, budget: int, *, remaining: int = 0) -> dict:
         z = lambda: torch.zeros(batch, dtype=torch.long, device=self.device)  # noqa: E731
         return {"state": torch.full((batch,), start_state, dtype=torch.long, device=self.device),
@@ -83,27 +95,23 @@ class SpanFSM:
                 "h": z(), "q": z(), "frames": z(),
                 "budget": torch.full((batch,), budget, dtype=torch.long, device=self.device)}
 
-    def allowed(self, st: dict, cfg: FSMConfig) -> torch.Tensor:
-        """(B, vocab) boolean mask of the tokens each row may take next."""
+    def allowed(self, st: dict, cfg: FSMConfig, image: bool = True, audio: bool = True) -> torch.Tensor:
+        """(B, vocab) boolean mask of the tokens each row may take next.
+
+        `image`/`audio` False (see `reachable`) skip the work for spans no row can be in."""
         L, s = self.L, st["state"]
-        B = s.shape[0]
-        row = torch.full_like(s, self.R_DONE)
-        row = torch.where(s == TEXT, self.R_TEXT, row)
-        row = torch.where(s == H, self.R_H, row)
-        row = torch.where(s == W, self.R_W, row)
-        row = torch.where(s == CODES, self.R_CODES, row)
-        row = torch.where(s == END, self.R_END, row)
-        if self.nq:
+        row = self.state_row[s]
+        if audio and self.nq:
             q = st["q"]
-            audio_row = torch.as_tensor(self.R_AUDIO, device=self.device)[q.clamp(max=self.nq - 1)]
+            audio_row = self.audio_rows[q.clamp(max=self.nq - 1)]
             at_boundary = q == 0
             can_close = at_boundary & (st["frames"] >= 1)
-            must_close = at_boundary & (st["frames"] >= 1) & (
+            must_close = can_close & (
                 (st["budget"] < self.nq + 1) | ((cfg.max_audio_frames > 0) & (st["frames"] >= cfg.max_audio_frames)))
             audio_row = torch.where(can_close, self.R_AUDIO0_EOA, audio_row)
             audio_row = torch.where(must_close, self.R_EOA, audio_row)
             row = torch.where(s == AUDIO, audio_row, row)
-        mask = self.rows[row].clone()  # (B, V)
+        mask = self.rows[row]  # (B, V), a new tensor
         budget = st["budget"]
         # TEXT: open spans only when allowed and when a whole minimal span fits; </s> always allowed.
         in_text = s == TEXT
@@ -112,45 +120,43 @@ class SpanFSM:
             mask[:, L.boi] = in_text & (budget >= self.min_image_span)
         if cfg.allow_audio and L.has_audio:
             mask[:, L.boa] = in_text & (budget >= self.min_audio_span)
-        # Grid sizes: the whole span must fit the budget (and the max grid side).
-        limit = cfg.max_grid or L.max_grid
-        g = self.grid[None, :]  # (1, G)
-        # <h:n> <w:m> + n*m codes + <eoi> must fit, with m >= 1; then <w:m> + n*m codes + <eoi>
-        h_ok = (g <= limit) & (g + 3 <= budget[:, None])
-        w_ok = (g <= limit) & (st["h"][:, None] * g + 2 <= budget[:, None])
-        mask[:, L.h_offset : L.w_offset] &= h_ok & (s == H)[:, None]
-        mask[:, L.w_offset : L.reserved_offset] &= w_ok & (s == W)[:, None]
-        assert mask.shape[0] == B
+        if image:
+            # Grid sizes: the whole span must fit the budget (and the max grid side).
+            limit = cfg.max_grid or L.max_grid
+            g = self.grid[None, :]  # (1, G)
+            # <h:n> <w:m> + n*m codes + <eoi> must fit, with m >= 1; then <w:m> + n*m codes + <eoi>
+            h_ok = (g <= limit) & (g + 3 <= budget[:, None])
+            w_ok = (g <= limit) & (st["h"][:, None] * g + 2 <= budget[:, None])
+            mask[:, L.h_offset : L.w_offset] &= h_ok & (s == H)[:, None]
+            mask[:, L.w_offset : L.reserved_offset] &= w_ok & (s == W)[:, None]
         return mask
 
-    def advance(self, st: dict, tok: torch.Tensor, cfg: FSMConfig) -> dict:
-        """Move every row's state by the token it just took."""
+    def advance(self, st: dict, tok: torch.Tensor, cfg: FSMConfig, image: bool = True, audio: bool = True) -> dict:
+        """Move every row's state by the token it just took (`image`/`audio` as in `allowed`)."""
         L = self.L
         s = st["state"]
-        new = s.clone()
-        # TEXT
         t_text = s == TEXT
-        new = torch.where(t_text & (tok == L.boi), H, new)
-        new = torch.where(t_text & (tok == L.boa), AUDIO, new)
-        new = torch.where(t_text & (tok == self.eos), DONE, new)
-        # image header
-        h_val = tok - L.h_offset + 1
-        st["h"] = torch.where(s == H, h_val, st["h"])
-        new = torch.where(s == H, W, new)
-        w_val = tok - L.w_offset + 1
-        st["remaining"] = torch.where(s == W, st["h"] * w_val, st["remaining"])
-        new = torch.where(s == W, CODES, new)
-        # codes
-        in_codes = s == CODES
-        st["remaining"] = torch.where(in_codes, st["remaining"] - 1, st["remaining"])
-        new = torch.where(in_codes & (st["remaining"] <= 0), END, new)
+        new = torch.where(t_text & (tok == self.eos), DONE, s)
         after_span = DONE if cfg.stop_after_span else TEXT
-        new = torch.where((s == END) & (tok == L.eoi), after_span, new)
-        # audio
-        if self.nq:
+        if image:
+            new = torch.where(t_text & (tok == L.boi), H, new)
+            # image header
+            h_val = tok - L.h_offset + 1
+            st["h"] = torch.where(s == H, h_val, st["h"])
+            new = torch.where(s == H, W, new)
+            w_val = tok - L.w_offset + 1
+            st["remaining"] = torch.where(s == W, st["h"] * w_val, st["remaining"])
+            new = torch.where(s == W, CODES, new)
+            # codes
+            in_codes = s == CODES
+            st["remaining"] = torch.where(in_codes, st["remaining"] - 1, st["remaining"])
+            new = torch.where(in_codes & (st["remaining"] <= 0), END, new)
+            new = torch.where((s == END) & (tok == L.eoi), after_span, new)
+        if audio and self.nq:
+            opened = t_text & (tok == L.boa)
+            new = torch.where(opened, AUDIO, new)
             in_audio = s == AUDIO
             closed = in_audio & (tok == L.eoa)
-            opened = t_text & (tok == L.boa)
             q_next = (st["q"] + 1) % self.nq
             st["frames"] = torch.where(in_audio & ~closed & (q_next == 0), st["frames"] + 1, st["frames"])
             st["q"] = torch.where(in_audio & ~closed, q_next, st["q"])

@@ -105,21 +105,21 @@ def decode(
     elif seed is not None:
         generator = torch.Generator(device=device).manual_seed(seed)
     st = fsm.init_state(B, start_state, max_new_tokens, remaining=start_remaining)
-    ones = torch.ones(len(rows), 1, dtype=torch.bool, device=device)
+    spans = fsm.reachable(fsm_cfg, start_state)  # which span kinds the FSM must track at all
     for step in range(max_new_tokens):
         cond = logits[:B]
         if guided:
             unc = logits[B:]
             cond = torch.where(fsm.in_span(st)[:, None], unc + cfg_scale * (cond - unc), cond)
-        cond = cond.masked_fill(~fsm.allowed(st, fsm_cfg), float("-inf"))
+        cond = cond.masked_fill(~fsm.allowed(st, fsm_cfg, *spans), float("-inf"))
         tok = sample(cond, sampling, generator)
         tok = torch.where(st["state"] == DONE, pad_id, tok)
         yield tok
-        st = fsm.advance(st, tok, fsm_cfg)
+        st = fsm.advance(st, tok, fsm_cfg, *spans)
         if bool((st["state"] == DONE).all()) or step == max_new_tokens - 1:
             return
         feed = torch.cat([tok, tok]) if guided else tok
-        cache.begin(1, ones)
+        cache.begin(1)
         if step_fn is not None:
             logits = step_fn(feed[:, None], next_pos[:, None], cache)[:, -1].float()
         else:

@@ -3,7 +3,11 @@
 Every layer's keys and values live in one tensor each, (n_layers, B, n_kv_heads, max_len, head_dim),
 allocated once; decoding writes into it in place, so no step allocates or concatenates. Rows of a batch
 share one write position; left padding is handled by `key_valid`, which marks the slots that hold real
-tokens, so padded prompts attend exactly as unpadded ones.
+tokens, so padded prompts attend exactly as unpadded ones. When no row is padded, a one-token step needs no
+mask at all (its query sees every filled slot), and `mask` stays None.
+
+`for_model` also precomputes the rotary cos/sin table for every slot, so a decode step looks its
+positions up instead of recomputing them (positions never exceed the slot count).
 
 `static=True` makes every step attend over the full `max_len` slots with a mask instead of the filled
 prefix: shapes never change, which is what CUDA graphs and `torch.compile(mode="reduce-overhead")` need.
@@ -24,27 +28,42 @@ class KVCache:
         self.max_len = max_len
         self.length = 0
         self.static = static
+        self.padded = False  # does any written slot of any row hold padding
         self.mask: torch.Tensor | None = None  # (B, 1, T, S) for the step in progress
         self.write_slots: torch.Tensor | None = None  # (T,) slots the step in progress writes
+        self.rope: tuple[torch.Tensor, torch.Tensor] | None = None  # cos, sin (max_len, head_dim)
         self._slots = torch.arange(max_len, device=device)
+        self._layers = list(zip(self.k.unbind(0), self.v.unbind(0)))  # per-layer views, made once
 
     @classmethod
     def for_model(cls, model, batch: int, max_len: int, dtype=None, device=None, static: bool = False) -> "KVCache":
+        from tessera.model.transformer import rope_cos_sin
+
         c = model.cfg
         p = next(model.parameters())
-        return cls(c.n_layers, batch, c.n_kv_heads, c.head_dim, max_len, dtype or p.dtype, device or p.device, static)
+        cache = cls(c.n_layers, batch, c.n_kv_heads, c.head_dim, max_len, dtype or p.dtype, device or p.device, static)
+        cos, sin = rope_cos_sin(cache._slots[None], c.head_dim, c.rope_theta, cache.k.dtype)
+        cache.rope = (cos[0, :, 0], sin[0, :, 0])
+        return cache
 
     def begin(self, n_new: int, valid: torch.Tensor | None = None) -> None:
-        """Prepare the mask for `n_new` tokens about to be written; `valid` (B, n_new) marks real tokens."""
+        """Prepare the mask for `n_new` tokens about to be written; `valid` (B, n_new) marks real tokens (None: all)."""
         s = self.length
         if s + n_new > self.max_len:
             raise RuntimeError(f"KV cache overflow: {s} + {n_new} tokens > {self.max_len} slots")
-        self.key_valid[:, s : s + n_new] = True if valid is None else valid
+        if valid is None:  # every new token is real
+            self.key_valid[:, s : s + n_new] = True
+        else:
+            self.key_valid[:, s : s + n_new] = valid
+            self.padded = self.padded or not bool(valid.all())
+        q_slot = self._slots[s : s + n_new]
+        self.write_slots = q_slot
+        if n_new == 1 and not self.padded and not self.static:
+            self.mask = None  # one query over unpadded rows: every filled slot is visible
+            return
         span = self.max_len if self.static else s + n_new
-        q_slot = torch.arange(s, s + n_new, device=self.k.device)
         causal = self._slots[None, :span] <= q_slot[:, None]  # (T, S)
         self.mask = (causal[None] & self.key_valid[:, None, :span])[:, None]  # (B, 1, T, S)
-        self.write_slots = q_slot
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.static:  # tensor-indexed writes: no Python int reaches a compiled graph
@@ -52,9 +71,10 @@ class KVCache:
             self.v[layer].index_copy_(2, self.write_slots, v)
             return self.k[layer], self.v[layer]
         s, n = self.length, k.shape[2]
-        self.k[layer, :, :, s : s + n] = k
-        self.v[layer, :, :, s : s + n] = v
-        return self.k[layer, :, :, : s + n], self.v[layer, :, :, : s + n]
+        kc, vc = self._layers[layer]
+        kc[:, :, s : s + n] = k
+        vc[:, :, s : s + n] = v
+        return kc[:, :, : s + n], vc[:, :, : s + n]
 
     def advance(self, n_new: int) -> None:
         self.length += n_new
@@ -64,4 +84,6 @@ class KVCache:
         """Keep rows `index` (for batch compaction)."""
         self.k = self.k[:, index]
         self.v = self.v[:, index]
+        self._layers = list(zip(self.k.unbind(0), self.v.unbind(0)))
         self.key_valid = self.key_valid[index]
+        self.padded = self.padded and not bool(self.key_valid[:, : self.length].all())

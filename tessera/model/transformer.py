@@ -83,6 +83,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)  # one fused op, same numbers
         # Normalize in fp32, scale in the input dtype (as HF Llama does, for exact export parity).
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -93,17 +95,20 @@ class RMSNorm(nn.Module):
 
 
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """positions (B, T) -> cos, sin (B, T, 1, head_dim) in the rotate-half layout."""
+    """positions (B, T) -> cos, sin (B, T, 1, head_dim) in the rotate-half layout, with the first half of `sin`
+    negated (so that `apply_rope` needs no negation: the same numbers, one op fewer)."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.int64).float() / head_dim))
     freqs = positions.float()[..., None] * inv_freq  # (B, T, hd/2)
-    emb = torch.cat([freqs, freqs], dim=-1)[:, :, None, :]
-    return emb.cos().to(dtype), emb.sin().to(dtype)
+    sin = freqs.sin()
+    cos = torch.cat([freqs, freqs], dim=-1)[:, :, None, :].cos()
+    return cos.to(dtype), torch.cat([-sin, sin], dim=-1)[:, :, None, :].to(dtype)
 
 
 def apply_rope(x, cos, sin):
-    """x (B, T, H, hd): rotate each pair (x_i, x_{i+hd/2}) by its position's angle."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+    """x (B, T, H, hd): rotate each pair (x_i, x_{i+hd/2}) by its position's angle.
+
+    Rotate-half: x * cos + (-x2, x1) * sin; with `sin`'s first half pre-negated that is a roll by hd/2."""
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin
 
 
 class Attention(nn.Module):
@@ -119,15 +124,18 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, doc_ids=None, cache=None, layer: int = 0):
         B, T, _ = x.shape
         hq, hk, hd = self.n_heads, self.n_kv_heads, self.head_dim
-        q, k, v = self.wqkv(x).split([hq * hd, hk * hd, hk * hd], dim=-1)
-        q, k, v = q.view(B, T, hq, hd), k.view(B, T, hk, hd), v.view(B, T, hk, hd)
+        qkv = self.wqkv(x).view(B, T, hq + 2 * hk, hd)
         if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            q, k, v = qkv.split([hq, hk, hk], dim=2)
+            q, k = apply_rope(self.q_norm(q), cos, sin), apply_rope(self.k_norm(k), cos, sin)
+        else:  # queries and keys rotate as one tensor: half the elementwise ops per step
+            qk, v = qkv.split([hq + hk, hk], dim=2)
+            q, k = apply_rope(qk, cos, sin).split([hq, hk], dim=2)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, hd)
         if cache is not None:
             k, v = cache.update(layer, k, v)
-            y = attention(q, k, v, mask=cache.mask)
+            # the cache's mask is None for a single query over an unpadded batch: it sees every key
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=cache.mask, enable_gqa=hq != hk)
         else:
             y = attention(q, k, v, doc_ids=doc_ids, backend=self.backend)
         return self.wo(y.transpose(1, 2).reshape(B, T, hq * hd))
@@ -206,7 +214,10 @@ class Transformer(nn.Module):
                 raise ValueError("decoding with a KV cache needs explicit positions")
             positions = torch.arange(T, device=idx.device)[None].expand(B, T)
         h = self.tok_embeddings(idx)
-        cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, h.dtype)
+        if cache is not None and cache.rope is not None:  # looked up in the cache's table, not recomputed
+            cos, sin = cache.rope[0][positions][:, :, None], cache.rope[1][positions][:, :, None]
+        else:
+            cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, h.dtype)
         for i, layer in enumerate(self.layers):
             h = layer(h, cos, sin, doc_ids, cache, i)
         if logits_to_keep:

@@ -104,6 +104,15 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
     return out
 
 
+def wsd_factor(step: int, frac: float, warmup_steps: int, cooldown: float) -> float:
+    """Warmup-stable-decay lr factor: linear warmup over `warmup_steps`, flat, then a linear decay to 0
+    over the last `cooldown` fraction of the run (`frac` from `RunBudget.fraction`; 0: no decay)."""
+    warm = min(1.0, (step + 1) / max(1, warmup_steps))
+    if cooldown <= 0 or frac < 1.0 - cooldown:
+        return warm
+    return warm * max(0.0, (1.0 - frac) / cooldown)
+
+
 class RunBudget:
     """Stop at max_steps or max_minutes (this invocation's wall time), or when a signal asks."""
 
@@ -129,6 +138,16 @@ class RunBudget:
     @property
     def elapsed(self) -> float:
         return time.monotonic() - self.start
+
+    def fraction(self, step: int) -> float:
+        """How far through its budget the run is, in [0, 1]: the larger of the steps' and the minutes' share
+        (0 when unbounded). Each rank measures its own time; callers that set an lr from it all-reduce it."""
+        frac = 0.0
+        if self.max_steps:
+            frac = step / self.max_steps
+        if self.max_minutes:
+            frac = max(frac, self.elapsed / (60 * self.max_minutes))
+        return min(1.0, frac)
 
     def seconds_left(self) -> float | None:
         return None if self.max_minutes is None else max(0.0, self.max_minutes * 60 - self.elapsed)

@@ -44,7 +44,7 @@ from tessera.train.checkpoint import (CheckpointManager, capture_rng, flatten_op
                                       unflatten_optimizer_state)
 from tessera.train.distributed import (all_gather_object, all_reduce, barrier, destroy_distributed,
                                        init_distributed, seed_everything)
-from tessera.train.monitor import MetricsLogger, Progress, RunBudget
+from tessera.train.monitor import MetricsLogger, Progress, RunBudget, wsd_factor
 from tessera.unimodal.audio import (AUDIO_PRESETS, AudioCodec, AudioCodecConfig, AudioCodecError, SEANetCodec)
 from tessera.unimodal.audio_eval import MultiScaleMel, codebook_usage, score_pairs
 from tessera.unimodal.media import Audio, MediaError, SkipLog, check_waveform, list_media, load_audio, split_audio
@@ -58,6 +58,7 @@ class AudioTrainConfig:
     lr: float = 3e-4
     betas: list[float] = field(default_factory=lambda: [0.5, 0.9])  # EnCodec's Adam betas
     warmup_steps: int = 100
+    cooldown: float = 0.1  # last fraction of the run (--max-steps/--max-minutes) over which the lr decays to 0
     grad_clip: float = 1.0  # 0: off
     mel_weight: float = 1.0
     mel_linear_weight: float = 1.0  # inside the mel loss: L1(log mel) + this * L1(mel)
@@ -94,7 +95,7 @@ TRAIN_PRESETS: dict[str, AudioTrainConfig] = {
     # the k-means init sees trained latents.
     "tiny": AudioTrainConfig(batch_size=16, crop_seconds=0.48, lr=1e-3, betas=[0.9, 0.999], warmup_steps=30,
                              wave_weight=0.0, init_vectors=2048, ae_warmup_steps=80, quantizer_dropout=0.3,
-                             eval_every=250, save_every=250),
+                             cooldown=0.3, eval_every=250, save_every=250),
     "base": AudioTrainConfig(batch_size=32, crop_seconds=1.0, lr=3e-4, warmup_steps=500, init_vectors=16384,
                              discriminator=True, disc_start_step=2000, eval_every=1000, save_every=2000),
 }
@@ -282,8 +283,9 @@ def save_samples(out: Path, step: int, clips, recons, sample_rate: int, n: int) 
         Audio(y, sample_rate).save(d / f"{i:02d}_reconstruction.wav", subtype="PCM_16")
 
 
-def _lr_at(step: int, tcfg: AudioTrainConfig) -> float:
-    return tcfg.lr * min(1.0, step / max(1, tcfg.warmup_steps))
+def _lr_at(step: int, frac: float, tcfg: AudioTrainConfig) -> float:
+    """The lr of step `step` (counted from 1) at run fraction `frac`: warmup, flat, linear cooldown."""
+    return tcfg.lr * wsd_factor(step - 1, frac, tcfg.warmup_steps, tcfg.cooldown)
 
 
 # ------------------------------------------------------------------------------------------------ train
@@ -449,8 +451,10 @@ def _train(env, data, out: Path, preset_name, overrides, eval_data, max_steps, m
     try:
         while not budget.should_stop(step):
             step += 1
+            frac = float(all_reduce(torch.tensor([budget.fraction(step)]), op="max"))  # one lr on every rank
+            lr = _lr_at(step, frac, tcfg)
             for g in opt.param_groups:
-                g["lr"] = _lr_at(step, tcfg)
+                g["lr"] = lr
             x = sampler.batch(step, env.rank, tcfg.batch_size).to(dev)[:, None]  # (B, 1, T)
             drop = random.Random(tcfg.seed * 1_000_003 + step).random() < tcfg.quantizer_dropout
             model.quantizer.set_dropout(drop)
@@ -491,7 +495,7 @@ def _train(env, data, out: Path, preset_name, overrides, eval_data, max_steps, m
                 n = max(1, step - s_last)
                 dt = time.monotonic() - t_last
                 rec = {k: v / n for k, v in agg.items()}
-                rec["lr"] = _lr_at(step, tcfg)
+                rec["lr"] = lr
                 rec["audio_seconds_per_s"] = n * tcfg.batch_size * env.world_size * crop / sr / max(dt, 1e-9)
                 rec["dropout"] = drop
                 if main:

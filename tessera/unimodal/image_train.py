@@ -56,7 +56,7 @@ from tessera.train.distributed import (
     init_distributed,
     seed_everything,
 )
-from tessera.train.monitor import MetricsLogger, Progress, RunBudget
+from tessera.train.monitor import MetricsLogger, Progress, RunBudget, wsd_factor
 from tessera.unimodal.image import ImageCodec, ImageCodecConfig, image_preset
 from tessera.unimodal.image_data import (
     InfiniteBatchSampler,
@@ -176,14 +176,6 @@ def resolve_configs(preset_name: str, overrides: list[str] | None) -> tuple[Imag
     m_ov, t_ov = split_overrides(overrides)
     mcfg, tcfg = image_preset(preset_name), preset(TRAIN_PRESETS, preset_name, "image training")
     return apply_overrides(mcfg, m_ov).validate(), apply_overrides(tcfg, t_ov).validate()
-
-
-def lr_factor(step: int, frac: float, cfg: ImageTrainConfig) -> float:
-    """Warmup over `warmup_steps`, then flat, then linear cooldown to 0 over the last `cooldown` of the run."""
-    warm = min(1.0, (step + 1) / max(1, cfg.warmup_steps))
-    if cfg.cooldown <= 0 or frac < 1.0 - cfg.cooldown:
-        return warm
-    return warm * max(0.0, (1.0 - frac) / cfg.cooldown)
 
 
 def state_checksum(module: nn.Module) -> str:
@@ -380,13 +372,8 @@ def _train(env, data, out: Path, preset_name, overrides, eval_data, max_steps, m
             continue
         x = batch.to(dev, non_blocking=True).float().div_(127.5).sub_(1.0)  # [-1, 1]
 
-        frac = 0.0
-        if budget.max_steps:
-            frac = step / budget.max_steps
-        if budget.max_minutes:
-            frac = max(frac, budget.elapsed / (60 * budget.max_minutes))
-        frac = float(all_reduce(torch.tensor([frac], device=dev), op="max"))  # one lr on every rank
-        lr_f = lr_factor(step, frac, tcfg)
+        frac = float(all_reduce(torch.tensor([budget.fraction(step)], device=dev), op="max"))  # one lr everywhere
+        lr_f = wsd_factor(step, frac, tcfg.warmup_steps, tcfg.cooldown)
         for g in opt_g.param_groups:
             g["lr"] = tcfg.lr * lr_f
 
