@@ -49,12 +49,12 @@ def document_causal_mask(doc_ids: torch.Tensor) -> torch.Tensor:
     return causal[None, None] & (doc_ids[:, None, :, None] == doc_ids[:, None, None, :])
 
 
-def _sdpa(q, k, v, doc_ids, mask):
+def _sdpa(q, k, v, doc_ids, mask, causal=True):
     gqa = q.shape[1] != k.shape[1]
     if mask is not None:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
     if doc_ids is None:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=document_causal_mask(doc_ids), enable_gqa=gqa)
 
 
@@ -108,10 +108,14 @@ def attention(
     doc_ids: torch.Tensor | None = None,
     mask: torch.Tensor | None = None,
     backend: str = "sdpa",
+    causal: bool = True,
 ) -> torch.Tensor:
-    """Causal, document-aware, grouped-query attention. See the module docstring."""
-    if mask is not None or backend == "sdpa":
-        return _sdpa(q, k, v, doc_ids, mask)
+    """Causal, document-aware, grouped-query attention. See the module docstring.
+
+    `causal=False` (KV-cache decoding: queries that follow every cached key) attends over all keys, or as
+    `mask` says."""
+    if mask is not None or not causal or backend == "sdpa":
+        return _sdpa(q, k, v, doc_ids, mask, causal)
     if backend == "flex":
         return _flex(q, k, v, doc_ids)
     if backend == "flash":

@@ -134,8 +134,8 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, hd)
         if cache is not None:
             k, v = cache.update(layer, k, v)
-            # the cache's mask is None for a single query over an unpadded batch: it sees every key
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=cache.mask, enable_gqa=hq != hk)
+            # the cache's mask says what each query sees; None (one query, no padding): every key
+            y = attention(q, k, v, mask=cache.mask, causal=False)
         else:
             y = attention(q, k, v, doc_ids=doc_ids, backend=self.backend)
         return self.wo(y.transpose(1, 2).reshape(B, T, hq * hd))

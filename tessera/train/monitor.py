@@ -141,12 +141,14 @@ class RunBudget:
 
     def fraction(self, step: int) -> float:
         """How far through its budget the run is, in [0, 1]: the larger of the steps' and the minutes' share
-        (0 when unbounded). Each rank measures its own time; callers that set an lr from it all-reduce it."""
+        (0 when unbounded). Agreed across ranks (the largest), like `should_stop`, so an lr set from it is
+        the same everywhere."""
         frac = 0.0
         if self.max_steps:
             frac = step / self.max_steps
         if self.max_minutes:
             frac = max(frac, self.elapsed / (60 * self.max_minutes))
+            frac = float(all_reduce(torch.tensor([frac], dtype=torch.float64), op="max"))  # ranks' clocks differ
         return min(1.0, frac)
 
     def seconds_left(self) -> float | None:

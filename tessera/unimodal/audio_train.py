@@ -451,8 +451,7 @@ def _train(env, data, out: Path, preset_name, overrides, eval_data, max_steps, m
     try:
         while not budget.should_stop(step):
             step += 1
-            frac = float(all_reduce(torch.tensor([budget.fraction(step)]), op="max"))  # one lr on every rank
-            lr = _lr_at(step, frac, tcfg)
+            lr = _lr_at(step, budget.fraction(step), tcfg)
             for g in opt.param_groups:
                 g["lr"] = lr
             x = sampler.batch(step, env.rank, tcfg.batch_size).to(dev)[:, None]  # (B, 1, T)

@@ -372,8 +372,7 @@ def _train(env, data, out: Path, preset_name, overrides, eval_data, max_steps, m
             continue
         x = batch.to(dev, non_blocking=True).float().div_(127.5).sub_(1.0)  # [-1, 1]
 
-        frac = float(all_reduce(torch.tensor([budget.fraction(step)], device=dev), op="max"))  # one lr everywhere
-        lr_f = wsd_factor(step, frac, tcfg.warmup_steps, tcfg.cooldown)
+        lr_f = wsd_factor(step, budget.fraction(step), tcfg.warmup_steps, tcfg.cooldown)
         for g in opt_g.param_groups:
             g["lr"] = tcfg.lr * lr_f
 
