@@ -187,6 +187,35 @@ def test_si_sdr_and_codebook_usage():
     assert codebook_usage(codes, 8) == [0.375, 0.125]
 
 
+def test_multiscale_mel_is_torchaudios_mel_spectrogram_and_its_gradient():
+    import torchaudio
+
+    from tessera.unimodal.audio_eval import MEL_BINS, MEL_WINDOWS, MultiScaleMel
+
+    mel = MultiScaleMel(SR)
+    g = torch.Generator().manual_seed(0)
+    for T in (100, 1000, 7680):  # shorter than the largest window too
+        x = torch.randn(3, T, generator=g) * 0.1
+        for w, m in zip(MEL_WINDOWS, MEL_BINS):
+            ref = torchaudio.transforms.MelSpectrogram(SR, n_fft=w, hop_length=w // 4, n_mels=m, power=1.0,
+                                                       pad_mode="constant", norm="slaney", mel_scale="slaney")
+            torch.testing.assert_close(mel.spectrogram(x, w).transpose(1, 2), ref(x), rtol=1e-5, atol=1e-6)
+    # the loss and its gradient match a loss written over torchaudio's spectrograms
+    x = torch.randn(2, 4000, generator=g) * 0.1
+    y = (x + 0.05 * torch.randn(2, 4000, generator=g)).requires_grad_()
+    y_ref = y.detach().clone().requires_grad_()
+    mel(y, x).backward()
+    total = 0.0
+    for w, m in zip(MEL_WINDOWS, MEL_BINS):
+        spec = torchaudio.transforms.MelSpectrogram(SR, n_fft=w, hop_length=w // 4, n_mels=m, power=1.0,
+                                                    pad_mode="constant", norm="slaney", mel_scale="slaney")
+        my, mx = spec(y_ref), spec(x)
+        total = total + (my.clamp_min(1e-5).log10() - mx.clamp_min(1e-5).log10()).abs().mean() + (my - mx).abs().mean()
+    (total / len(MEL_WINDOWS)).backward()
+    torch.testing.assert_close(y.grad, y_ref.grad, rtol=1e-4, atol=1e-7)
+    assert float(mel(x, x)) == 0.0 and float(mel(y.detach(), x)) > 0.0
+
+
 @pytest.mark.skipif(opus_available() is None, reason="no Opus encoder (libsndfile Ogg/Opus or ffmpeg)")
 def test_opus_roundtrip_keeps_length_and_more_bits_help():
     x = speechlike(SR, 12)

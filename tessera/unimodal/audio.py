@@ -100,10 +100,11 @@ class AudioCodecConfig:
 AUDIO_PRESETS: dict[str, AudioCodecConfig] = {
     # CPU: tests and the demo. 25 frames/s x 4 levels = 100 tokens/s (1.0 kbps); 0.7 M parameters. Narrow
     # full-rate stages (8 channels: the cost of a step is mostly there) and one LSTM layer at 25 frames/s
-    # (almost free). EMA decay 0.9, not EnCodec's 0.99: with ~250 vectors per step the codebooks must follow
-    # a fast-moving encoder. See docs/audio_codec.md for the runs behind these choices.
+    # (almost free). EMA decay 0.9, not EnCodec's 0.99: with ~50 vectors per step (the tiny training
+    # preset's batch of 4 crops of 12 frames) the codebooks must follow a fast-moving encoder; the dead-code
+    # threshold is scaled to those vectors. See docs/audio_codec.md for the runs behind these choices.
     "tiny": AudioCodecConfig(strides=[8, 5, 4, 4], channels=8, max_channels=256, dim=64, lstm_layers=1,
-                             num_quantizers=4, ema_decay=0.9, dead_code_threshold=0.05),
+                             num_quantizers=4, ema_decay=0.9, dead_code_threshold=0.0125),
     # GPU: 50 frames/s x 8 levels (4.0 kbps at full depth; quantizer dropout covers 1..8 levels).
     "base": AudioCodecConfig(strides=[8, 5, 4, 2], channels=32, max_channels=512, dim=128, lstm_layers=2,
                              num_quantizers=8, dead_code_threshold=2.0),
@@ -122,12 +123,15 @@ class SConv1d(nn.Module):
 
     def __init__(self, cin: int, cout: int, kernel: int, stride: int = 1, dilation: int = 1):
         super().__init__()
-        self.conv = weight_norm(nn.Conv1d(cin, cout, kernel, stride=stride, dilation=dilation))
         total = (kernel - 1) * dilation - (stride - 1)  # EnCodec's non-causal padding, split evenly
         self.pad = (total - total // 2, total // 2)
+        same = self.pad[0] == self.pad[1]  # the conv pads itself (no padded copy of the input)
+        self.conv = weight_norm(nn.Conv1d(cin, cout, kernel, stride=stride, dilation=dilation,
+                                          padding=self.pad[0] if same else 0))
+        self.pad = (0, 0) if same else self.pad
 
     def forward(self, x):
-        return self.conv(F.pad(x, self.pad))
+        return self.conv(F.pad(x, self.pad) if self.pad[0] or self.pad[1] else x)
 
 
 class SConvTranspose1d(nn.Module):

@@ -260,9 +260,10 @@ def _train(env, data, out: Path, preset_name, overrides, eval_data, max_steps, m
     model = ImageCodec(mcfg, sync_codebook=env.is_distributed).to(dev)
     use_gan = tcfg.disc_weight > 0
     disc = PatchDiscriminator(tcfg.disc_channels, tcfg.disc_layers).to(dev) if use_gan else None
-    opt_g = torch.optim.AdamW(model.parameters(), lr=tcfg.lr, betas=tuple(tcfg.betas), weight_decay=tcfg.weight_decay)
+    opt_g = torch.optim.AdamW(model.parameters(), lr=tcfg.lr, betas=tuple(tcfg.betas), weight_decay=tcfg.weight_decay,
+                              fused=True)
     opt_d = (torch.optim.AdamW(disc.parameters(), lr=tcfg.disc_lr, betas=tuple(tcfg.betas),
-                               weight_decay=tcfg.weight_decay) if use_gan else None)
+                               weight_decay=tcfg.weight_decay, fused=True) if use_gan else None)
     if tensors:
         model.load_state_dict(tensors["model"])
         opt_g.load_state_dict(unflatten_optimizer_state(tensors["opt_g"], state["opt_g"]))
