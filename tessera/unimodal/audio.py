@@ -124,14 +124,14 @@ class SConv1d(nn.Module):
     def __init__(self, cin: int, cout: int, kernel: int, stride: int = 1, dilation: int = 1):
         super().__init__()
         total = (kernel - 1) * dilation - (stride - 1)  # EnCodec's non-causal padding, split evenly
-        self.pad = (total - total // 2, total // 2)
-        same = self.pad[0] == self.pad[1]  # the conv pads itself (no padded copy of the input)
+        # The conv pads total // 2 on both sides itself (no padded copy of the input); an odd total puts
+        # its extra sample on the left.
         self.conv = weight_norm(nn.Conv1d(cin, cout, kernel, stride=stride, dilation=dilation,
-                                          padding=self.pad[0] if same else 0))
-        self.pad = (0, 0) if same else self.pad
+                                          padding=total // 2))
+        self.extra_left = total % 2
 
     def forward(self, x):
-        return self.conv(F.pad(x, self.pad) if self.pad[0] or self.pad[1] else x)
+        return self.conv(F.pad(x, (self.extra_left, 0)) if self.extra_left else x)
 
 
 class SConvTranspose1d(nn.Module):

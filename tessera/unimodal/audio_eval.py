@@ -76,9 +76,7 @@ class MultiScaleMel(torch.nn.Module):
         y, x = y.reshape(y.shape[0], -1).float(), x.reshape(x.shape[0], -1).float()
         total = y.new_zeros(())
         for w in self.windows:
-            my = self.spectrogram(y, w)
-            with torch.set_grad_enabled(torch.is_grad_enabled() and x.requires_grad):
-                mx = self.spectrogram(x, w)
+            my, mx = self.spectrogram(y, w), self.spectrogram(x, w)
             total = total + (my.clamp_min(1e-5).log10() - mx.clamp_min(1e-5).log10()).abs().mean()
             if linear_weight:
                 total = total + linear_weight * (my - mx).abs().mean()
