@@ -21,6 +21,15 @@ PYTHON=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
-.venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip
-.venv/bin/python -m pip install -q --disable-pip-version-check -e ".[dev]"
-echo "tessera is installed in .venv ($(.venv/bin/python -c 'import torch; print("torch", torch.__version__)'))"
+# Every package comes from requirements.lock at the exact version and hash it names (scripts/lock.sh writes
+# it), so a new upstream release cannot change what a fresh machine gets. tessera itself is then installed
+# in editable mode without touching its dependencies or fetching a build backend.
+.venv/bin/python -m pip install -q --disable-pip-version-check --require-hashes -r requirements.lock
+.venv/bin/python -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
+
+# Fail here, with a way out, rather than in the first stage of the demo.
+if ! .venv/bin/python scripts/check_env.py; then
+  echo "The environment in .venv does not load. To rebuild it from the lock:" >&2
+  echo "    rm -rf .venv && bash scripts/setup.sh" >&2
+  exit 1
+fi
