@@ -125,3 +125,17 @@ def test_presets_and_validation():
         ModelConfig(dim=64, n_heads=4, n_kv_heads=3)
     with pytest.raises(Exception, match="unknown model preset"):
         model_preset("huge")
+
+
+def test_derived_sizes_follow_overrides():
+    """An override of `dim` derives the SwiGLU width from the new dim, not the preset's."""
+    from tessera.config import apply_overrides, from_dict, to_dict
+    from tessera.model.transformer import Transformer, model_preset
+
+    cfg = apply_overrides(model_preset("demo"), ["dim=128"])
+    assert cfg.hidden_dim == 64 * -(-8 * 128 // 3 // 64) == 384 and cfg.kv_heads == 2
+    cfg.vocab_size = 256
+    m = Transformer(from_dict(type(cfg), to_dict(cfg)))
+    assert m.layers[0].feed_forward.w2.weight.shape == (128, 384)
+    assert apply_overrides(model_preset("1b"), ["dim=1024"]).hidden_dim == 8192  # an explicit ffn_dim stays
+    assert apply_overrides(model_preset("demo"), ["n_kv_heads=0"]).kv_heads == 4

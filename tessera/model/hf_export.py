@@ -28,10 +28,10 @@ def hf_config(cfg: ModelConfig, bos_id: int = 1, eos_id: int = 2, pad_id: int | 
     common = dict(
         vocab_size=cfg.vocab_size,
         hidden_size=cfg.dim,
-        intermediate_size=cfg.ffn_dim,
+        intermediate_size=cfg.hidden_dim,
         num_hidden_layers=cfg.n_layers,
         num_attention_heads=cfg.n_heads,
-        num_key_value_heads=cfg.n_kv_heads,
+        num_key_value_heads=cfg.kv_heads,
         head_dim=cfg.head_dim,
         max_position_embeddings=cfg.max_seq_len,
         rms_norm_eps=cfg.norm_eps,
@@ -56,7 +56,7 @@ def hf_config(cfg: ModelConfig, bos_id: int = 1, eos_id: int = 2, pad_id: int | 
 def to_hf_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
     cfg = model.cfg
     sd = {k: v.detach() for k, v in model.state_dict().items()}
-    hq, hk, hd = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim, cfg.head_dim
+    hq, hk, hd = cfg.n_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim, cfg.head_dim
     out = {"model.embed_tokens.weight": sd["tok_embeddings.weight"], "model.norm.weight": sd["norm.weight"]}
     if not cfg.tie_embeddings:
         out["lm_head.weight"] = sd["output.weight"]

@@ -41,7 +41,7 @@ class KVCache:
 
         c = model.cfg
         p = next(model.parameters())
-        cache = cls(c.n_layers, batch, c.n_kv_heads, c.head_dim, max_len, dtype or p.dtype, device or p.device, static)
+        cache = cls(c.n_layers, batch, c.kv_heads, c.head_dim, max_len, dtype or p.dtype, device or p.device, static)
         cos, sin = rope_cos_sin(cache._slots[None], c.head_dim, c.rope_theta, cache.k.dtype)
         cache.rope = (cos[0, :, 0], sin[0, :, 0])
         return cache

@@ -34,8 +34,8 @@ class ModelConfig:
     dim: int = 256
     n_layers: int = 4
     n_heads: int = 4
-    n_kv_heads: int = 0  # 0: same as n_heads (multi-head attention)
-    ffn_dim: int = 0  # 0: 8/3 * dim rounded up to a multiple of 64
+    n_kv_heads: int = 0  # 0: same as n_heads (multi-head attention); read `kv_heads`
+    ffn_dim: int = 0  # 0: 8/3 * dim rounded up to a multiple of 64; read `hidden_dim`
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     qk_norm: bool = True
@@ -45,20 +45,29 @@ class ModelConfig:
     init_std: float = 0.02
 
     def __post_init__(self):
-        if self.n_kv_heads == 0:
-            self.n_kv_heads = self.n_heads
-        if self.ffn_dim == 0:
-            self.ffn_dim = 64 * math.ceil(8 * self.dim / 3 / 64)
+        # Derived sizes are properties, never written back: a preset overridden with another `dim` or
+        # `n_heads` then derives them from the new values instead of keeping the preset's.
         if self.dim % self.n_heads:
             raise ValueError(f"dim {self.dim} is not divisible by n_heads {self.n_heads}")
-        if self.n_heads % self.n_kv_heads:
-            raise ValueError(f"n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}")
+        if self.n_kv_heads < 0 or self.ffn_dim < 0:
+            raise ValueError("n_kv_heads and ffn_dim must be >= 0 (0: derived)")
+        if self.n_heads % self.kv_heads:
+            raise ValueError(f"n_heads {self.n_heads} is not a multiple of n_kv_heads {self.kv_heads}")
         if (self.dim // self.n_heads) % 2:
             raise ValueError("head_dim must be even for rotary embeddings")
 
     @property
     def head_dim(self) -> int:
         return self.dim // self.n_heads
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def hidden_dim(self) -> int:
+        """The SwiGLU hidden width: `ffn_dim`, or 8/3 * dim rounded up to a multiple of 64."""
+        return self.ffn_dim or 64 * math.ceil(8 * self.dim / 3 / 64)
 
 
 MODEL_PRESETS = {
@@ -114,9 +123,9 @@ def apply_rope(x, cos, sin):
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
         self.backend = cfg.attn_backend
-        self.wqkv = nn.Linear(cfg.dim, (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim, bias=False)
+        self.wqkv = nn.Linear(cfg.dim, (cfg.n_heads + 2 * cfg.kv_heads) * cfg.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
         self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
@@ -144,8 +153,8 @@ class Attention(nn.Module):
 class FeedForward(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.w13 = nn.Linear(cfg.dim, 2 * cfg.ffn_dim, bias=False)  # gate and up, fused
-        self.w2 = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
+        self.w13 = nn.Linear(cfg.dim, 2 * cfg.hidden_dim, bias=False)  # gate and up, fused
+        self.w2 = nn.Linear(cfg.hidden_dim, cfg.dim, bias=False)
 
     def forward(self, x):
         gate, up = self.w13(x).chunk(2, dim=-1)
