@@ -57,7 +57,16 @@ class DemoConfig:
     pretrain_steps: int = 0  # 0: bounded by time only
     eval_max_items: int = 0
     draw_seeds: int = 10
-    cfg_scale: float = 3.0
+    # Sampling per output modality, for the eval and the report's samples (see docs/generalization.md).
+    image_temperature: float = 1.0
+    image_top_k: int = 0
+    image_cfg_scale: float = 3.0
+    audio_temperature: float = 1.0
+    audio_top_k: int = 0
+    audio_cfg_scale: float = 3.0
+
+    def sampling(self, output: str) -> dict:
+        return {k: getattr(self, f"{output}_{k}") for k in ("temperature", "top_k", "cfg_scale")}
 
     @classmethod
     def fast_config(cls) -> "DemoConfig":
@@ -122,8 +131,10 @@ def plan(out: Path, cfg: DemoConfig) -> list[Stage]:
               + [a for o in cfg.pretrain_overrides for a in ("--set", o)],
               [out / "run"], ["shards", "test_shards"], resumable=True),
         Stage("eval", [*py, "eval", "--model", str(out / "run"), "--tasks", "digits", "--data", str(c), "--json",
-                       "--out", str(out / "eval"), "--draw-seeds", str(cfg.draw_seeds), "--cfg-scale",
-                       str(cfg.cfg_scale), "--max-items", str(cfg.eval_max_items)],
+                       "--out", str(out / "eval"), "--draw-seeds", str(cfg.draw_seeds),
+                       "--max-items", str(cfg.eval_max_items)]
+              + [a for kind in ("image", "audio") for k, v in cfg.sampling(kind).items()
+                 for a in (f"--{kind}-{k.replace('_', '-')}", str(v))],
               [out / "eval"], ["pretrain"], capture=out / "eval.json"),
         Stage("image_eval", [*py, "tokenizer", "eval", "image", "--codec", str(t / "image"), "--data",
                              str(c / "images" / "test"), "--json"], [], ["image"],
@@ -206,8 +217,8 @@ def make_figures(out: Path, cfg: DemoConfig) -> None:
 
     m = load(out / "run")
     plot_training_curves(out / "run", out / "training_curves.png")
-    digit_grid(m, out / "generated_digits.png", seeds=8, cfg_scale=cfg.cfg_scale)
-    speech_samples(m, out / "speech", digits=(0, 3, 7), cfg_scale=cfg.cfg_scale)
+    digit_grid(m, out / "generated_digits.png", seeds=8, **cfg.sampling("image"))
+    speech_samples(m, out / "speech", digits=(0, 3, 7), **cfg.sampling("audio"))
 
 
 def write_demo_report(out: Path, cfg: DemoConfig, times: dict, total_s: float) -> dict:

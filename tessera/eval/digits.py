@@ -69,6 +69,10 @@ class DigitsConfig:
     pitch_range: tuple[int, int] = (25, 75)
     max_images: int = 0  # 0: all 1,797
     plain_text_docs: int = 600
+    # Variety at no download cost (training split only; held-out images and clips stay as they are):
+    image_augment: int = 0  # extra variants of each training image: a small random affine warp and stroke width
+    speech_augment: int = 0  # extra takes per training (voice, variant, digit), at a random gain, some with noise
+    speech_image_pairs: int = 1  # speech->image documents per training clip, each with its own random image
     seed: int = 0
 
     @classmethod
@@ -95,6 +99,45 @@ def digit_image(pixels8: np.ndarray, size: int) -> Image.Image:
     return Image.fromarray(a, mode="L").resize((size, size), Image.Resampling.BILINEAR)
 
 
+def augment_image(im: Image.Image, rng: random.Random) -> Image.Image:
+    """A variant of a grayscale image with dark ink on white: rotation up to 12 degrees, scale 0.9-1.1, shear
+    up to 0.15, a shift of up to 1/16 of the side, then thicker, thinner or unchanged strokes."""
+    import math
+
+    w, h = im.size
+    a = math.radians(rng.uniform(-12, 12))
+    s = rng.uniform(0.9, 1.1)
+    sh = rng.uniform(-0.15, 0.15)
+    tx, ty = rng.uniform(-w / 16, w / 16), rng.uniform(-h / 16, h / 16)
+    # The inverse map (output pixel -> input pixel) about the centre, as PIL's AFFINE transform wants it.
+    c, si = math.cos(a) / s, math.sin(a) / s
+    m = [c, si + sh / s, 0.0, -si, c, 0.0]
+    cx, cy = w / 2, h / 2
+    m[2] = cx - m[0] * (cx + tx) - m[1] * (cy + ty)
+    m[5] = cy - m[3] * (cx + tx) - m[4] * (cy + ty)
+    out = im.transform((w, h), Image.Transform.AFFINE, m, resample=Image.Resampling.BILINEAR, fillcolor=255)
+    stroke = rng.choice(("thick", "thin", "same"))
+    if stroke != "same":
+        from PIL import ImageFilter
+
+        f = ImageFilter.MinFilter(3) if stroke == "thick" else ImageFilter.MaxFilter(3)
+        out = Image.blend(out, out.filter(f), 0.5)
+    return out
+
+
+def augment_speech(w: np.ndarray, rng: random.Random) -> np.ndarray:
+    """A clip at a random gain (-12 to 0 dB from its peak level), with light white noise (SNR 20-35 dB) half of
+    the time."""
+    g = 10 ** (rng.uniform(-12, 0) / 20)
+    w = w * g
+    if rng.random() < 0.5:
+        snr = rng.uniform(20, 35)
+        power = float(np.mean(w ** 2)) + 1e-12
+        noise = np.random.default_rng(rng.randrange(2**32)).standard_normal(len(w)).astype(np.float32)
+        w = w + noise * np.sqrt(power / 10 ** (snr / 10))
+    return np.clip(w, -1, 1).astype(np.float32)
+
+
 def _trim(w: np.ndarray, sr: int, threshold: float = 0.01, pad_s: float = 0.04) -> np.ndarray:
     idx = np.nonzero(np.abs(w) > threshold)[0]
     if idx.size == 0:
@@ -103,8 +146,10 @@ def _trim(w: np.ndarray, sr: int, threshold: float = 0.01, pad_s: float = 0.04) 
     return w[max(0, idx[0] - pad): idx[-1] + pad]
 
 
-def speak(word: str, voice: str, variant: str, speed: int, pitch: int, out: Path, exe: str) -> float:
-    """Synthesize `word` with espeak-ng, trim silence, resample to 16 kHz; returns the duration."""
+def speak(word: str, voice: str, variant: str, speed: int, pitch: int, out: Path, exe: str,
+          augment_seed: int | None = None) -> float:
+    """Synthesize `word` with espeak-ng, trim silence, resample to 16 kHz; returns the duration. With
+    `augment_seed`, the clip is saved through `augment_speech` with that seed."""
     import soundfile as sf
     import torch
     import torchaudio.functional as AF
@@ -121,6 +166,8 @@ def speak(word: str, voice: str, variant: str, speed: int, pitch: int, out: Path
     w = _trim(w, sr)
     w = AF.resample(torch.from_numpy(np.ascontiguousarray(w)), sr, SPEECH_RATE).numpy()
     w = 0.9 * w / max(1e-6, float(np.abs(w).max()))  # voices differ in loudness; normalize the peak
+    if augment_seed is not None:
+        w = augment_speech(w, random.Random(augment_seed))
     sf.write(str(out), w, SPEECH_RATE, subtype="PCM_16")
     return len(w) / SPEECH_RATE
 
@@ -130,7 +177,7 @@ def _fmt(template: str, d: int) -> str:
 
 
 def _documents(images: list[tuple[str, int]], clips: list[tuple[str, int]], rng: random.Random,
-               plain_docs: int) -> list[dict]:
+               plain_docs: int, speech_image_pairs: int = 1) -> list[dict]:
     by_digit_img: dict[int, list[str]] = {d: [] for d in range(10)}
     by_digit_clip: dict[int, list[str]] = {d: [] for d in range(10)}
     for p, d in images:
@@ -148,7 +195,7 @@ def _documents(images: list[tuple[str, int]], clips: list[tuple[str, int]], rng:
                      "source": "transcribe", "label": d})
         docs.append({"segments": [{"text": _fmt(rng.choice(SPEAK_PROMPTS), d)}, {"audio": p}], "source": "speak",
                      "label": d})
-        if by_digit_img[d]:
+        for _ in range(speech_image_pairs if by_digit_img[d] else 0):
             docs.append({"segments": [{"audio": p}, {"image": rng.choice(by_digit_img[d])}],
                          "source": "speech_to_image", "label": d})
     for p, d in images[::2]:
@@ -160,6 +207,10 @@ def _documents(images: list[tuple[str, int]], clips: list[tuple[str, int]], rng:
         docs.append({"segments": [{"text": _fmt(rng.choice(PLAIN_TEXT), d)}], "source": "text", "label": d})
     rng.shuffle(docs)
     return docs
+
+
+def _entry(path: str, label: int, augmented: set[str]) -> dict:
+    return {"path": path, "label": label, **({"augmented": True} if path in augmented else {})}
 
 
 def build_digits_corpus(out: str | Path, config: DigitsConfig | None = None, force: bool = False,
@@ -187,11 +238,18 @@ def build_digits_corpus(out: str | Path, config: DigitsConfig | None = None, for
     digits = load_digits()
     n = len(digits.images) if not cfg.max_images else min(cfg.max_images, len(digits.images))
     split_images: dict[str, list[tuple[str, int]]] = {"train": [], "test": []}
+    augmented: set[str] = set()  # made by augmentation; judges train on the real files only
     for i in range(n):
         split = "test" if i % cfg.test_every == cfg.test_every - 1 else "train"
         rel = f"images/{split}/{i:04d}.png"
-        digit_image(digits.images[i], cfg.image_size).save(out / rel)
+        im = digit_image(digits.images[i], cfg.image_size)
+        im.save(out / rel)
         split_images[split].append((rel, int(digits.target[i])))
+        for k in range(cfg.image_augment if split == "train" else 0):
+            rel_k = f"images/{split}/{i:04d}_a{k}.png"
+            augment_image(im, rng).save(out / rel_k)
+            split_images[split].append((rel_k, int(digits.target[i])))
+            augmented.add(rel_k)
 
     # ---- speech
     jobs = []
@@ -202,22 +260,27 @@ def build_digits_corpus(out: str | Path, config: DigitsConfig | None = None, for
         for voice in voices:
             for variant in variants:
                 for d in range(10):
-                    for k in range(takes):
+                    extra = cfg.speech_augment if split == "train" else 0
+                    for k in range(takes + extra):
                         speed, pitch = rng.randint(*cfg.speed_range), rng.randint(*cfg.pitch_range)
                         rel = f"speech/{split}/{voice}_{variant or 'default'}_{d}_{k}.wav"
-                        jobs.append((split, rel, d, voice, variant, speed, pitch))
+                        aug = rng.randrange(2**31) if k >= takes else None
+                        if aug is not None:
+                            augmented.add(rel)
+                        jobs.append((split, rel, d, voice, variant, speed, pitch, aug))
     split_clips: dict[str, list[tuple[str, int]]] = {"train": [], "test": []}
     durations = []
     with ThreadPoolExecutor(max_workers=4) as pool, progress_bar(total=len(jobs), desc="espeak-ng", unit="clip",
                                                          disable=not progress) as bar:
-        futures = [(j, pool.submit(speak, DIGIT_WORDS[j[2]], j[3], j[4], j[5], j[6], out / j[1], exe)) for j in jobs]
+        futures = [(j, pool.submit(speak, DIGIT_WORDS[j[2]], j[3], j[4], j[5], j[6], out / j[1], exe, j[7])) for j in jobs]
         for j, f in futures:
             durations.append(f.result())
             split_clips[j[0]].append((j[1], j[2]))
             bar.update(1)
 
     # ---- documents and text
-    train_docs = _documents(split_images["train"], split_clips["train"], rng, cfg.plain_text_docs)
+    train_docs = _documents(split_images["train"], split_clips["train"], rng, cfg.plain_text_docs,
+                            cfg.speech_image_pairs)
     test_docs = _documents(split_images["test"], split_clips["test"], rng, cfg.plain_text_docs // 5)
     for name, docs in (("documents.jsonl", train_docs), ("test_documents.jsonl", test_docs)):
         atomic_write_text(out / name, "".join(json.dumps(d) + "\n" for d in docs))
@@ -230,8 +293,8 @@ def build_digits_corpus(out: str | Path, config: DigitsConfig | None = None, for
     meta = {
         "version": CORPUS_VERSION,
         "config": json.loads(json.dumps(asdict(cfg))),
-        "images": {k: [{"path": p, "label": d} for p, d in v] for k, v in split_images.items()},
-        "speech": {k: [{"path": p, "label": d} for p, d in v] for k, v in split_clips.items()},
+        "images": {k: [_entry(p, d, augmented) for p, d in v] for k, v in split_images.items()},
+        "speech": {k: [_entry(p, d, augmented) for p, d in v] for k, v in split_clips.items()},
         "counts": {
             "images": {k: len(v) for k, v in split_images.items()},
             "speech": {k: len(v) for k, v in split_clips.items()},
@@ -259,12 +322,25 @@ def add_build_arguments(p) -> None:
     p.add_argument("--image-size", type=int, default=DigitsConfig.image_size)
     p.add_argument("--fast", action="store_true", help="a cut-down corpus (for tests)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--image-augment", type=int, default=None, metavar="N",
+                   help=f"extra warped variants of each training image (default {DigitsConfig.image_augment})")
+    p.add_argument("--speech-augment", type=int, default=None, metavar="N",
+                   help="extra takes per training voice, variant and digit, at a random gain and some with noise "
+                        f"(default {DigitsConfig.speech_augment})")
+    p.add_argument("--speech-image-pairs", type=int, default=None, metavar="N",
+                   help=f"speech->image documents per training clip (default {DigitsConfig.speech_image_pairs})")
     p.add_argument("--force", action="store_true", help="rebuild even if the corpus exists")
 
 
 def run_build(args) -> int:
     cfg = DigitsConfig.fast() if args.fast else DigitsConfig()
     cfg.image_size, cfg.seed = args.image_size, args.seed
+    for key in ("image_augment", "speech_augment", "speech_image_pairs"):
+        value = getattr(args, key)
+        if value is not None:
+            if value < (1 if key == "speech_image_pairs" else 0):
+                raise CorpusError(f"--{key.replace('_', '-')} must be >= {1 if key == 'speech_image_pairs' else 0}")
+            setattr(cfg, key, value)
     meta = build_digits_corpus(args.out, cfg, force=args.force)
     c = meta["counts"]
     print(f"digits corpus -> {args.out}: images {c['images']}, speech clips {c['speech']} "

@@ -234,13 +234,19 @@ def add_eval_arguments(p) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--out", metavar="DIR", help="save eval.json and every generated output here")
     p.add_argument("--draw-seeds", type=int, default=DigitsEvalConfig.draw_seeds)
-    p.add_argument("--cfg-scale", type=float, default=DigitsEvalConfig.cfg_scale)
+    for kind in ("image", "audio"):
+        for key, tp in (("temperature", float), ("top_k", int), ("cfg_scale", float)):
+            name = f"{kind}_{key}"
+            p.add_argument(f"--{name.replace('_', '-')}", type=tp, default=getattr(DigitsEvalConfig, name),
+                           help=f"{key} when the digits tasks generate {kind}s")
     p.add_argument("--max-items", type=int, default=0, help="cap the per-clip/per-image tasks (0: all)")
     p.add_argument("--device", default=None)
 
 
 def run_eval(args) -> int:
-    cfg = DigitsEvalConfig(draw_seeds=args.draw_seeds, cfg_scale=args.cfg_scale, max_items=args.max_items)
+    cfg = DigitsEvalConfig(draw_seeds=args.draw_seeds, max_items=args.max_items,
+                           **{f"{kind}_{key}": getattr(args, f"{kind}_{key}") for kind in ("image", "audio")
+                              for key in ("temperature", "top_k", "cfg_scale")})
     out = Path(args.out) if args.out else None
     results = evaluate_run(args.model, args.tasks, args.data, out, cfg, device=args.device, progress=not args.json)
     print(json.dumps(results, indent=2) if args.json else format_table(results))

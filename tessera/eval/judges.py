@@ -31,16 +31,17 @@ class JudgeError(TesseraError):
     pass
 
 
-def corpus_split(corpus: str | Path, kind: str, split: str) -> list[tuple[Path, int]]:
+def corpus_split(corpus: str | Path, kind: str, split: str, augmented: bool = False) -> list[tuple[Path, int]]:
     """(path, digit) pairs of a digits corpus's `kind` ("images" or "speech") `split` ("train" or "test"),
-    from its meta.json."""
+    from its meta.json; files made by augmentation only with `augmented` (judges learn from real data)."""
     root = Path(corpus)
     meta_path = root / "meta.json"
     if not meta_path.is_file():
         raise JudgeError(f"{root} is not a digits corpus: meta.json is missing (build one with `tessera data digits`)")
     meta = read_json(meta_path)
     try:
-        return [(root / e["path"], int(e["label"])) for e in meta[kind][split]]
+        return [(root / e["path"], int(e["label"])) for e in meta[kind][split]
+                if augmented or not e.get("augmented")]
     except (KeyError, TypeError) as e:
         raise JudgeError(f"{meta_path}: no {kind}/{split} entries ({e})") from None
 

@@ -43,12 +43,13 @@ def plot_training_curves(run_dir: Path, path: Path) -> None:
     plt.close(fig)
 
 
-def digit_grid(m, path: Path, seeds: int = 8, cfg_scale: float = 3.0, temperature: float = 1.0, scale: int = 2) -> None:
+def digit_grid(m, path: Path, seeds: int = 8, cfg_scale: float = 3.0, temperature: float = 1.0, top_k: int = 0,
+               scale: int = 2) -> None:
     """One row per digit, `seeds` columns of "a drawing of the digit N"."""
     rows = []
     for d in range(10):
         prompts = [[f"a drawing of the digit {DIGIT_WORDS[d]}"]] * seeds
-        outs = m.generate(prompts, output="image", cfg_scale=cfg_scale, temperature=temperature,
+        outs = m.generate(prompts, output="image", cfg_scale=cfg_scale, temperature=temperature, top_k=top_k,
                           seed=[1000 * d + s for s in range(seeds)])
         rows.append([o[0] for o in outs])
     w, h = rows[0][0].size
@@ -60,11 +61,12 @@ def digit_grid(m, path: Path, seeds: int = 8, cfg_scale: float = 3.0, temperatur
     grid.resize((grid.width * scale, grid.height * scale), Image.Resampling.NEAREST).save(path)
 
 
-def speech_samples(m, out: Path, digits=(0, 3, 7), cfg_scale: float = 3.0, temperature: float = 1.0) -> list[str]:
+def speech_samples(m, out: Path, digits=(0, 3, 7), cfg_scale: float = 3.0, temperature: float = 1.0,
+                   top_k: int = 0) -> list[str]:
     out.mkdir(parents=True, exist_ok=True)
     names = []
     outs = m.generate([[f"say {DIGIT_WORDS[d]}"] for d in digits], output="audio", cfg_scale=cfg_scale,
-                      temperature=temperature, seed=list(digits), max_audio_seconds=1.5)
+                      temperature=temperature, top_k=top_k, seed=list(digits), max_audio_seconds=1.5)
     for d, o in zip(digits, outs):
         name = f"say_{DIGIT_WORDS[d]}.wav"
         o[0].save(out / name)

@@ -308,7 +308,17 @@ def add_eval_arguments(p) -> None:
     p.add_argument("--digits-corpus", default=None,
                    help="a digits corpus: train its speech judge on the real training clips and report its "
                         "accuracy on the originals and on the reconstructions (labels from meta.json)")
+    p.add_argument("--prior-data", default=None, metavar="DIR_OR_JSONL",
+                   help="training clips: report the codes' learnability (a small code prior trained on their "
+                        "codes, scored on --data's codes; see tessera.unimodal.learnability)")
+    p.add_argument("--prior-steps", type=int, default=300, help="training steps of the learnability prior")
     p.add_argument("--device", default="cpu")
+
+
+def frame_sequence(codes, codebook_size: int) -> np.ndarray:
+    """(n_q, F) codes -> the decoder's order: frame by frame, levels interleaved, level q offset by q * K."""
+    c = np.asarray(codes.cpu() if hasattr(codes, "cpu") else codes, dtype=np.int64)
+    return (c + codebook_size * np.arange(c.shape[0])[:, None]).T.reshape(-1)
 
 
 def _labels_for(paths: list[Path], corpus) -> list[int]:
@@ -347,6 +357,19 @@ def run_eval(args) -> int:
         judge = SpeechDigitJudge.from_corpus(args.digits_corpus)
     result = evaluate_codec(codec, clips, n_q=args.n_q, opus_kbps=kbps, labels=labels, judge=judge)
     result["skipped"] = skips.to_dict()
+    if args.prior_data:
+        from tessera.unimodal.learnability import code_learnability
+
+        k, K = args.n_q or codec.info.levels, codec.info.codebook_size
+        train_clips, _ = load_eval_clips(args.prior_data, codec.info.sample_rate, max_seconds=args.max_seconds,
+                                         min_samples=1, skips=SkipLog())
+        if not train_clips:
+            raise AudioCodecError(f"{args.prior_data}: no usable training clips for the learnability prior")
+        _, train_codes = reconstruct_clips(codec, train_clips, n_q=k)
+        _, test_codes = reconstruct_clips(codec, clips, n_q=k)
+        result["learnability"] = code_learnability([frame_sequence(c, K) for c in train_codes],
+                                                   [frame_sequence(c, K) for c in test_codes], k * K,
+                                                   steps=args.prior_steps)
     if args.json:
         print(json.dumps(result))
     else:
@@ -374,6 +397,10 @@ def format_table(r: dict, name: str = "tessera") -> str:
     usage = ", ".join(f"{u:.2f}" for u in r["codebook_usage"])
     lines += ["", f"{name}: {r['n_clips']} clips ({r['seconds']} s), {r['tokens_per_second']:g} tokens/s, "
                   f"codebook usage per level: {usage}"]
+    if "learnability" in r:
+        from tessera.unimodal.learnability import format_learnability
+
+        lines.append(format_learnability(r["learnability"]))
     if r.get("skipped", {}).get("total"):
         lines.append("skipped: " + ", ".join(f"{k}={v}" for k, v in r["skipped"]["counts"].items()))
     return "\n".join(lines)

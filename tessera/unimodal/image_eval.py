@@ -154,6 +154,13 @@ def add_eval_arguments(p) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS)
     p.add_argument("--no-jpeg", action="store_true", help="skip the JPEG comparison")
+    p.add_argument("--prior-data", default=None, metavar="DIR_OR_JSONL",
+                   help="training images: report the codes' learnability (a small code prior trained on their "
+                        "codes, scored on --data's codes; see tessera.unimodal.learnability)")
+    p.add_argument("--prior-steps", type=int, default=300, help="training steps of the learnability prior")
+    p.add_argument("--digits-corpus", default=None,
+                   help="a digits corpus: train its image judge on the real training images and report its "
+                        "accuracy on the originals and on the reconstructions (the ceiling of generated images)")
 
 
 def _load_images(files, codec, args, skips: SkipLog) -> list[torch.Tensor]:
@@ -179,8 +186,44 @@ def _load_images(files, codec, args, skips: SkipLog) -> list[torch.Tensor]:
     return out
 
 
+@torch.no_grad()
+def encode_rasters(codec, images: list[torch.Tensor], batch_size: int = 64) -> list[np.ndarray]:
+    """Each uint8 (3, H, W) image's code grid in raster order, as the decoder reads it."""
+    out = []
+    for i in range(0, len(images), batch_size):
+        group = images[i : i + batch_size]
+        if len({tuple(x.shape) for x in group}) == 1:
+            codes = codec.encode(torch.stack(group).float() / 255.0)
+            out += [c.reshape(-1).cpu().numpy() for c in codes]
+        else:
+            out += [codec.encode(x[None].float() / 255.0)[0].reshape(-1).cpu().numpy() for x in group]
+    return out
+
+
+@torch.no_grad()
+def judge_ceiling(codec, images: list[torch.Tensor], files, corpus) -> dict:
+    """The digits image judge's accuracy on the originals and on the codec's reconstructions."""
+    from tessera.eval.judges import ImageDigitJudge, corpus_images
+
+    table = {}
+    for split in ("train", "test"):
+        table.update({p.resolve(): lab for p, lab in corpus_images(corpus, split)})
+    keep = [i for i, f in enumerate(files) if Path(f).resolve() in table]
+    if not keep:
+        raise TesseraError(f"none of the evaluated images is in {corpus}/meta.json")
+    labels = [table[Path(files[i]).resolve()] for i in keep]
+    judge = ImageDigitJudge.from_corpus(corpus)
+    to_pil = lambda x: Image.fromarray(x.permute(1, 2, 0).numpy(), mode="RGB")
+    originals = [to_pil(images[i]) for i in keep]
+    recon = [to_pil(to_uint8(codec.decode(codec.encode(images[i][None].float() / 255.0)))[0].cpu()) for i in keep]
+    acc_o, acc_r = judge.accuracy(originals, labels), judge.accuracy(recon, labels)
+    return {"accuracy_original": round(acc_o, 4), "accuracy_reconstructed": round(acc_r, 4),
+            "ratio": round(acc_r / acc_o, 4) if acc_o else None, "n": len(keep)}
+
+
 def evaluate_files(codec, files, args, skips: SkipLog) -> dict:
-    images = _load_images(files[: args.max_images], codec, args, skips)
+    files = files[: args.max_images]
+    images = _load_images(files, codec, args, skips)
     if not images:
         raise TesseraError(f"{args.data}: no usable images ({skips.summary()})")
     by_size: dict[tuple, list[torch.Tensor]] = {}
@@ -213,6 +256,20 @@ def evaluate_files(codec, files, args, skips: SkipLog) -> dict:
         "jpeg": [] if args.no_jpeg else evaluate_jpeg(images),
         "skipped": skips.to_dict()["counts"],
     }
+    if getattr(args, "digits_corpus", None):
+        if len(images) != len(files):
+            raise TesseraError("--digits-corpus needs every evaluated image to load")
+        result["judge"] = judge_ceiling(codec, images, files, args.digits_corpus)
+    if getattr(args, "prior_data", None):
+        from tessera.unimodal.learnability import code_learnability
+
+        prior_skips = SkipLog()
+        train_files = list_media(args.prior_data, "image", prior_skips)
+        train_images = _load_images(train_files, codec, args, prior_skips)
+        if not train_images:
+            raise TesseraError(f"{args.prior_data}: no usable training images for the learnability prior")
+        result["learnability"] = code_learnability(encode_rasters(codec, train_images),
+                                                   encode_rasters(codec, images), K, steps=args.prior_steps)
     return result
 
 
@@ -224,6 +281,14 @@ def format_table(r: dict, codec_dir: str) -> str:
               f"{100 * r['codebook_usage']:.1f}% / {r['perplexity']:.1f}")]
     for j in r["jpeg"]:
         lines.append(f"{'JPEG q=' + str(j['quality']):12} {j['bpp']:7.3f} {j['psnr']:8.2f} {j['ssim']:6.3f}")
+    if "judge" in r:
+        j = r["judge"]
+        lines.append(f"digit judge: {j['accuracy_reconstructed']:.3f} on reconstructions, "
+                     f"{j['accuracy_original']:.3f} on the originals")
+    if "learnability" in r:
+        from tessera.unimodal.learnability import format_learnability
+
+        lines.append(format_learnability(r["learnability"]))
     if r["skipped"]:
         lines.append("skipped: " + ", ".join(f"{k}={v}" for k, v in r["skipped"].items()))
     return "\n".join(lines)
