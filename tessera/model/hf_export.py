@@ -2,13 +2,16 @@
 
 tessera's decoder is Llama's architecture; with QK-norm on it is Qwen3's (per-head RMSNorm on q and k
 before RoPE). The export writes `LlamaForCausalLM` or `Qwen3ForCausalLM` weights and config, splits the
-fused QKV and gate/up projections, and copies the tokenizer bundle beside them:
+fused QKV and gate/up projections, writes a transformers tokenizer, and copies the tokenizer bundle:
 
     out/
       config.json, generation_config.json, model.safetensors     (AutoModelForCausalLM.from_pretrained)
+      tokenizer.json, tokenizer_config.json                      (AutoTokenizer.from_pretrained)
       tessera_tokenizer/                                         (tessera.tokenizers.load_bundle)
 
-The ids are tessera's unified vocabulary; decode them with the bundle (`MultimodalTokenizer.decode`).
+The ids are tessera's unified vocabulary. The transformers tokenizer encodes and decodes text exactly as
+tessera does and names every special and code id (`<boi>`, `<img:123>`, `<aud0:45>`; see `hf_tokenizer`);
+turning image and audio codes into pixels and waveforms needs the bundle (`MultimodalTokenizer.decode`).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from tessera.model.hf_tokenizer import save_hf_tokenizer
 from tessera.model.transformer import ModelConfig, Transformer
 from tessera.storage import atomic_write_json, make_temp_dir, replace_dir, save_tensors
 
@@ -95,7 +99,7 @@ def to_hf_model(model: Transformer, bos_id: int = 1, eos_id: int = 2, pad_id: in
 
 def export_hf(model: Transformer, bundle_dir: str | Path, out: str | Path, *, bos_id: int, eos_id: int,
               pad_id: int | None, dtype: torch.dtype = torch.float32) -> Path:
-    """Write an HF model directory (atomically) with the tokenizer bundle beside it."""
+    """Write an HF model directory (atomically): model, transformers tokenizer, and the tokenizer bundle."""
     out = Path(out)
     tmp = make_temp_dir(out.parent, f".{out.name}.")
     try:
@@ -107,6 +111,7 @@ def export_hf(model: Transformer, bundle_dir: str | Path, out: str | Path, *, bo
         atomic_write_json(tmp / "generation_config.json", {
             "bos_token_id": bos_id, "eos_token_id": eos_id, "pad_token_id": pad_id, "do_sample": False,
         })
+        save_hf_tokenizer(bundle_dir, tmp, model.cfg.max_seq_len)
         shutil.copytree(bundle_dir, tmp / "tessera_tokenizer")
         replace_dir(tmp, out)
     except BaseException:

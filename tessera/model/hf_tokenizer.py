@@ -1,0 +1,111 @@
+"""A transformers tokenizer for an HF export, built offline from a tokenizer bundle.
+
+- Text: the bundle's SentencePiece BPE model rebuilt as a `tokenizers` BPE model with byte fallback: the same
+  pieces at the same ids, and merges ranked by the score of the piece they make (SentencePiece merges the
+  adjacent pair whose result scores highest; `tokenizers` merges the pair of lowest rank). " " becomes "▁"
+  with no dummy prefix and nothing pre-splits the text (SentencePiece does not either), so ids and decoded
+  text are `TextTokenizer`'s exactly. One difference is left, in decoding ids no text encodes to: a run of
+  byte pieces that is not valid UTF-8 decodes to one "\ufffd" per byte (`tokenizers`' ByteFallback), where
+  SentencePiece keeps the valid characters inside the run.
+- Every other id of the unified vocabulary is an added special token at that id, named as
+  `VocabLayout.token_name` names it (`<boi>`, `<h:3>`, `<reserved:0>`, `<img:123>`, `<aud0:45>`); the
+  embedding table's padding rows are `<unused:N>`. So `len(tokenizer)` is the model's vocabulary size and
+  every id the model can emit converts to a token.
+- Encoding text never yields a special or code id: `split_special_tokens` is on, so "<boi>" in a string is
+  spelled as text pieces, as tessera spells it. Prompts start with `<s>` and get no `</s>`, as tessera's do.
+- `<unk>` is a plain piece that decodes to " ⁇ ", as SentencePiece decodes it, so greedy text matches
+  tessera's even where a model emits it; the tokenizer has no `unk_token` (byte fallback never needs one).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tessera.errors import TesseraError
+from tessera.storage import atomic_write_json, read_json
+from tessera.tokenizers.bundle import read_bundle_spec
+from tessera.tokenizers.layout import VocabLayout
+from tessera.unimodal.text import TextTokenizer
+
+
+def added_token_name(layout: VocabLayout, i: int) -> str:
+    """The name of non-text id `i` in the exported tokenizer."""
+    if i >= layout.vocab_size:
+        return f"<unused:{i - layout.vocab_size}>"
+    return layout.token_name(i)
+
+
+def text_backend(text: TextTokenizer):
+    """The SentencePiece BPE model as a `tokenizers.Tokenizer` that gives the same ids and text."""
+    from tokenizers import Tokenizer, decoders, normalizers, processors
+    from tokenizers.models import BPE
+
+    sp = text.sp
+    unk = sp.IdToPiece(text.unk_id)
+    vocab = {sp.IdToPiece(i): i for i in range(text.vocab_size)}
+    # Only normal pieces take part in merges: control pieces (<unk>, <s>, </s>) and byte pieces (<0x41>) are
+    # never spelled by text.
+    normal = {p: i for p, i in vocab.items() if not (sp.IsControl(i) or sp.IsUnknown(i) or sp.IsByte(i))}
+    merges = []
+    for piece, i in normal.items():
+        for k in range(1, len(piece)):
+            left, right = piece[:k], piece[k:]
+            if left in normal and right in normal:
+                merges.append((-sp.GetScore(i), i, normal[left], (left, right)))
+    merges.sort()
+    bpe = BPE(vocab=vocab, merges=[m[-1] for m in merges], unk_token=unk, byte_fallback=True, fuse_unk=True)
+    tok = Tokenizer(bpe)
+    tok.normalizer = normalizers.Replace(" ", "\u2581")
+    # SentencePiece writes <unk> as " ⁇ " when decoding; byte pieces become bytes, then UTF-8 text.
+    tok.decoder = decoders.Sequence([decoders.Replace(unk, " \u2047 "), decoders.Replace("\u2581", " "),
+                                     decoders.ByteFallback(), decoders.Fuse()])
+    bos = sp.IdToPiece(text.bos_id)
+    tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B:1",
+                                                       special_tokens=[(bos, text.bos_id)])
+    return tok
+
+
+def hf_tokenizer(layout: VocabLayout, text: TextTokenizer, model_max_length: int | None = None):
+    """A `PreTrainedTokenizerFast` over the whole padded vocabulary of `layout`."""
+    from tokenizers import AddedToken
+    from transformers import PreTrainedTokenizerFast
+
+    if text.vocab_size != layout.text_size:
+        raise TesseraError(f"the text model has {text.vocab_size} pieces, the layout's text range "
+                           f"{layout.text_size}")
+    backend = text_backend(text)
+    start = layout.ranges["text"].end
+    names = [added_token_name(layout, i) for i in range(start, layout.padded_vocab_size)]
+    clash = [n for n in names if backend.token_to_id(n) is not None]
+    if clash:
+        raise TesseraError(f"text pieces {clash[:5]} have the names of special or code tokens")
+    backend.add_special_tokens([AddedToken(n, special=True, normalized=False) for n in names])
+    if backend.get_vocab_size(with_added_tokens=True) != layout.padded_vocab_size:
+        raise TesseraError("the exported tokenizer's ids do not line up with the vocabulary layout")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token=text.piece(text.bos_id),
+        eos_token=text.piece(text.eos_id),
+        pad_token=added_token_name(layout, layout.pad),
+        add_bos_token=True,
+        add_eos_token=False,
+        split_special_tokens=True,
+        clean_up_tokenization_spaces=False,
+        **({"model_max_length": model_max_length} if model_max_length else {}),
+    )
+
+
+def save_hf_tokenizer(bundle_dir: str | Path, out: str | Path, model_max_length: int | None = None) -> None:
+    """Write a bundle's tokenizer.json and tokenizer_config.json into `out`.
+
+    The config names `PreTrainedTokenizerFast`, which every transformers version loads from tokenizer.json
+    alone (no sentencepiece, no remote code); transformers 5 saves its own `TokenizersBackend` name."""
+    bundle_dir = Path(bundle_dir)
+    spec = read_bundle_spec(bundle_dir)
+    layout = VocabLayout.from_dict(spec["layout"])
+    text = TextTokenizer.load(bundle_dir / spec["text"]["path"])
+    hf_tokenizer(layout, text, model_max_length).save_pretrained(out)
+    cfg_path = Path(out) / "tokenizer_config.json"
+    cfg = read_json(cfg_path)
+    cfg.update(tokenizer_class="PreTrainedTokenizerFast", add_bos_token=True, add_eos_token=False)
+    atomic_write_json(cfg_path, cfg)
