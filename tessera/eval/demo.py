@@ -137,11 +137,12 @@ def plan(out: Path, cfg: DemoConfig) -> list[Stage]:
                  for a in (f"--{kind}-{k.replace('_', '-')}", str(v))],
               [out / "eval"], ["pretrain"], capture=out / "eval.json"),
         Stage("image_eval", [*py, "tokenizer", "eval", "image", "--codec", str(t / "image"), "--data",
-                             str(c / "images" / "test"), "--json"], [], ["image"],
+                             str(c / "images" / "test"), "--prior-data", str(c / "images" / "train"),
+                             "--digits-corpus", str(c), "--json"], [], ["image"],
               capture=out / "image_codec_eval.json"),
         Stage("audio_eval", [*py, "tokenizer", "eval", "audio", "--codec", str(t / "audio"), "--data",
                              str(c / "speech" / "test"), "--n-q", str(cfg.audio_levels), "--digits-corpus", str(c),
-                             "--json"], [], ["audio"],
+                             "--prior-data", str(c / "speech" / "train"), "--json"], [], ["audio"],
               capture=out / "audio_codec_eval.json"),
     ]
 

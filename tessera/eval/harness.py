@@ -20,6 +20,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from tessera.errors import TesseraError
 from tessera.eval.tasks import DigitsEvalConfig, TaskItem, digit_in_text, digits_tasks, load_tasks
@@ -79,6 +80,19 @@ class Judges:
             waves = [load_audio(p, sample_rate=16000).waveform for p, _ in pairs]
             return judge.accuracy(waves, [label for _, label in pairs])
         return None
+
+    def memorization(self, images: list, labels: list) -> dict:
+        """Near-copies of training images among generated ones (tessera.eval.memorization)."""
+        from tessera.eval.judges import corpus_images, corpus_split
+        from tessera.eval.memorization import memorization_report
+
+        if "_memorization_refs" not in self._cache:
+            train = corpus_split(self.corpus, "images", "train", augmented=True)  # every image training saw
+            self._cache["_memorization_refs"] = (
+                [load_image(p) for p, _ in train], [y for _, y in train],
+                [load_image(p) for p, _ in corpus_images(self.corpus, "test")])
+        tr, tr_labels, test = self._cache["_memorization_refs"]
+        return memorization_report(images, labels, tr, tr_labels, test)
 
     def verdicts(self, name: str, outputs: list[list], labels: list) -> list[bool]:
         first = [next((s for s in out if not isinstance(s, str)), None) if name in ("image_digit", "speech_digit")
@@ -143,6 +157,12 @@ def run_tasks(m, items: list[TaskItem], base: Path, judges: Judges, batch_size: 
         results[task] = r
     if save_dir is not None:
         save_outputs(items, outputs, save_dir)
+    if judges.corpus is not None:
+        for task in results:
+            idx = [i for i, it in enumerate(items) if it.task == task and it.output == "image"]
+            images = [next((s for s in outputs[i] if isinstance(s, Image.Image)), None) for i in idx]
+            if idx and all(im is not None for im in images):
+                results[task]["memorization"] = judges.memorization(images, [items[i].label for i in idx])
     return results
 
 

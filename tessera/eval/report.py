@@ -18,29 +18,46 @@ from tessera.train.monitor import read_metrics
 
 
 def plot_training_curves(run_dir: Path, path: Path) -> None:
+    """One panel per modality: the training loss and, where the run evaluated, the held-out loss."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     recs = read_metrics(run_dir)
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
-    for key, style in (("loss_text", "-"), ("loss_image", "-"), ("loss_audio", "-"), ("loss", "--")):
-        pts = [(r["step"], r[key]) for r in recs if isinstance(r.get(key), (int, float))]
-        if pts:
-            ax.plot(*zip(*pts), style, label=key.replace("loss_", "train ") if key != "loss" else "train (all)")
-    for key in ("eval_loss_text", "eval_loss_image", "eval_loss_audio"):
-        pts = [(r["step"], r[key]) for r in recs if isinstance(r.get(key), (int, float))]
-        if pts:
-            ax.plot(*zip(*pts), "o", label=key.replace("eval_loss_", "held-out "))
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats / token)")
-    ax.set_title("decoder training loss per modality")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    mods = [m for m in ("text", "image", "audio") if any(isinstance(r.get(f"loss_{m}"), (int, float)) for r in recs)]
+    fig, axes = plt.subplots(1, max(1, len(mods)), figsize=(3.4 * max(1, len(mods)), 3.2), dpi=110, squeeze=False)
+    for ax, m in zip(axes[0], mods):
+        for key, style, label in ((f"loss_{m}", "-", "train"), (f"eval_loss_{m}", "o-", "held-out")):
+            pts = [(r["step"], r[key]) for r in recs if isinstance(r.get(key), (int, float))]
+            if pts:
+                ax.plot(*zip(*pts), style, label=label, markersize=3)
+        ax.set_title(m)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[0][0].set_ylabel("loss (nats / token)")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def generalization_gap(run_dir: Path) -> list[str]:
+    """Sentences comparing the last training loss with the last held-out loss of each modality."""
+    recs = read_metrics(run_dir)
+    lines = []
+    for m in ("text", "image", "audio"):
+        train = [r[f"loss_{m}"] for r in recs if isinstance(r.get(f"loss_{m}"), (int, float))]
+        held = [r[f"eval_loss_{m}"] for r in recs if isinstance(r.get(f"eval_loss_{m}"), (int, float))]
+        if not train or not held:
+            continue
+        tr = sum(train[-5:]) / len(train[-5:])  # the last few logged windows: one window is noisy
+        gap = held[-1] - tr
+        verdict = ("it generalizes: held-out loss is close to training loss" if gap < 0.25 * max(tr, 0.1) + 0.1 else
+                   "it partly memorizes: held-out loss is clearly above training loss" if gap < tr + 0.5 else
+                   "it memorizes: held-out loss is far above training loss, so what it learned does not transfer")
+        lines.append(f"- **{m}**: training {tr:.2f}, held-out {held[-1]:.2f} nats/token (gap {gap:+.2f}); {verdict}.")
+    return lines
 
 
 def digit_grid(m, path: Path, seeds: int = 8, cfg_scale: float = 3.0, temperature: float = 1.0, top_k: int = 0,
@@ -92,10 +109,18 @@ def _codec_table(title: str, ours: dict | None, classic_key: str, cols: list[tup
         label = f"{classic_key} q={row['quality']}" if "quality" in row else f"{classic_key} {row.get('kbps', row.get('bitrate', ''))}"
         lines.append(f"| {label} | " + " | ".join(fmt(row.get(k, "")) for _, k in cols) + " |")
     judge = ours.get("judge")
+    kind = "clips" if classic_key == "opus" else "images"
     if judge:
-        lines += ["", f"The speech-digit judge names {judge['accuracy_reconstructed']:.3f} of the reconstructed "
-                      f"held-out clips correctly ({judge['accuracy_original']:.3f} of the originals; ratio "
-                      f"{judge['ratio']:.3f}), decoding from {ours.get('n_q', '?')} level(s)."]
+        levels = f", decoding from {ours.get('n_q', '?')} level(s)" if classic_key == "opus" else ""
+        lines += ["", f"The digit judge names {judge['accuracy_reconstructed']:.3f} of the reconstructed held-out "
+                      f"{kind} correctly ({judge['accuracy_original']:.3f} of the originals){levels}: the ceiling of "
+                      f"the generated {kind}' accuracy."]
+    learn = ours.get("learnability")
+    if learn:
+        lines += ["", f"Learnability of the codes (nats/code, chance {learn['uniform']:.2f}): unigram entropy "
+                      f"{learn['unigram_entropy']:.2f}; a small code prior trained for {learn['prior']['steps']} steps "
+                      f"reaches {learn['prior_train_ce']:.2f} on training codes and {learn['prior_heldout_ce']:.2f} on "
+                      f"held-out codes."]
     return lines + [""]
 
 
@@ -130,7 +155,18 @@ def write_report(out: Path, *, tasks: dict, image_eval: dict | None, audio_eval:
                        [("SI-SDR dB", "si_sdr"), ("mel distance", "mel_distance"), ("STOI", "stoi"), ("kbps", "kbps"),
                         ("codebook usage", "codebook_usage")])
     if curves:
-        md += ["## Training", "", f"![training curves]({curves})", ""]
+        md += ["## Training", "", f"![training curves]({curves})", ""] + generalization_gap(run_dir) + [""]
+    mem = {t: r["memorization"] for t, r in tasks.items() if isinstance(r, dict) and r.get("memorization")}
+    if mem:
+        md += ["## Memorization", "", "Each generated image against its nearest training image (16x16 gray, L2). "
+               "A near-copy lies closer to a training image than 90% of held-out images lie to theirs.", "",
+               "| task | near-copies | near-copies with the asked label | mean distance | held-out median |",
+               "|---|---|---|---|---|"]
+        for t, r in mem.items():
+            agree = "" if r["near_copy_label_agreement"] is None else f"{r['near_copy_label_agreement']:.2f}"
+            md.append(f"| {t} | {r['near_copy_share']:.2f} | {agree} | {r['mean_distance']:.2f} | "
+                      f"{r['heldout_median_distance']:.2f} |")
+        md.append("")
     if grid:
         md += ["## Generated digits", "", "One row per digit (0 at the top), one column per seed, prompt "
                "\"a drawing of the digit N\".", "", f"![generated digits]({grid})", ""]
