@@ -133,12 +133,12 @@ class RunBudget:
     DRIFT = 0.1  # re-plan when the steps that fit differ this much from the planned remaining steps
 
     def __init__(self, max_steps: int | None = None, max_minutes: float | None = None, handle_signals: bool = True,
-                 start_step: int = 0, clock: Callable[[], float] = time.monotonic):
+                 start_step: int = 0, clock: Callable[[], float] | None = None):
         self.max_steps = max_steps
         self.max_minutes = max_minutes
         self.start_step = start_step
-        self.clock = clock
-        self.start = clock()
+        self.clock = clock or time.monotonic
+        self.start = self.clock()
         self.planned_steps: int | None = max_steps
         self._anchor: tuple[int, float] = (0, 0.0)  # (step, fraction) where the plan's linear piece starts
         self._timed: list[tuple[int, float]] | None = None  # (step, time) marks; the rate is measured from [0]
