@@ -14,8 +14,8 @@
 Every step: the loss is summed over all target tokens of the global batch (all ranks, all micro-steps) and
 divided by their global count, so the result does not depend on how the batch is split across processes.
 Logged (metrics.jsonl, TensorBoard, progress bar): loss in total and per modality, z-loss, lr, grad norm,
-tokens/s, MFU, the planned steps. A step whose loss or gradient is NaN/Inf is skipped and counted; `max_nan_skips` in a row
-stop the run with the last good checkpoint kept.
+tokens/s, MFU, the planned steps. A step whose loss or gradient is NaN/Inf is skipped and counted;
+`max_nan_skips` in a row stop the run with the last good checkpoint kept.
 
 The LR schedule's length is `steps` when set; otherwise the budget's plan (`RunBudget`): `--max-steps`, or
 with `--max-minutes` the steps that fit in the time at the measured throughput (the smaller, with both), so
