@@ -382,6 +382,42 @@ def test_training_refuses_missing_budget_and_unknown_keys(tmp_path, speech_dir, 
     assert "cannot change the model config" in capsys.readouterr().err
 
 
+def test_a_time_budget_alone_sizes_the_lr_schedule_and_the_bar(tmp_path, speech_dir, monkeypatch):
+    """--max-minutes only: warmup, cooldown and the progress bar follow the steps that fit (a fake clock
+    makes every step take 100 ms: 0.9 s fit 9 steps)."""
+    import time
+    import types
+
+    from tessera.train import monitor
+    from tessera.unimodal import audio_train
+
+    steps, bars = {"n": 0}, []
+    real = audio_train._lr_at
+
+    def counted(*a, **k):  # called once a step
+        steps["n"] += 1
+        return real(*a, **k)
+
+    class Bar(monitor.Progress):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            bars.append(self)
+
+    monkeypatch.setattr(audio_train, "_lr_at", counted)
+    monkeypatch.setattr(audio_train, "Progress", Bar)
+    monkeypatch.setattr(monitor, "time", types.SimpleNamespace(
+        monotonic=lambda: 0.1 * steps["n"], time=time.time, strftime=time.strftime, gmtime=time.gmtime))
+    out = tmp_path / "timed"
+    assert run_cli("tokenizer", "train", "audio", "--data", str(speech_dir), "--out", str(out), "--preset", "tiny",
+                   "--no-progress", "--max-minutes", "0.015", *FAST, "--set", "eval_every=100",
+                   "--set", "save_every=100", "--set", "warmup_steps=30", "--set", "cooldown=0.5") == 0
+    recs = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["split"] == "train"]
+    assert abs(recs[-1]["step"] - 9) <= 1
+    assert max(r["lr"] for r in recs) > 0.9 * 2.2e-3  # the warmup takes a tenth of the plan, not 30 steps
+    assert recs[-1]["planned_steps"] == recs[-1]["step"] and bars[0].bar.total == recs[-1]["step"]
+    assert recs[-1]["lr"] < 0.3 * 2.2e-3  # cooling down to 0 at the time limit
+
+
 def test_ddp_two_processes_keep_codebooks_identical(tmp_path, speech_dir):
     """torchrun, 2 CPU processes (gloo): each rank sees different crops; the VQ all-reduces keep the
     codebooks equal, which the trainer checks at every save (codebook_spread: max |difference| across ranks)."""

@@ -374,3 +374,40 @@ def test_tiny_preset_on_digits_reaches_25_db_in_five_minutes(tmp_path):
     ev = json.loads((tmp_path / "run" / "train_summary.json").read_text())["eval"]
     assert ev["n_images"] == 299
     assert ev["psnr"] >= 25.0 and ev["codebook_usage"] >= 0.5, ev
+
+
+def test_a_time_budget_alone_sizes_the_lr_schedule_and_the_bar(image_data, tmp_path, monkeypatch):
+    """--max-minutes only: warmup, cooldown and the progress bar follow the steps that fit (a fake clock
+    makes every step take 100 ms: 1.2 s fit 12 steps), and the summary records the plan."""
+    import time
+    import types
+
+    from tessera.train import monitor
+    from tessera.unimodal import image_train
+
+    steps, bars = {"n": 0}, []
+    real = image_train.wsd_factor
+
+    def counted(*a, **k):  # called once a step
+        steps["n"] += 1
+        return real(*a, **k)
+
+    class Bar(monitor.Progress):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            bars.append(self)
+
+    monkeypatch.setattr(image_train, "wsd_factor", counted)
+    monkeypatch.setattr(image_train, "Progress", Bar)
+    monkeypatch.setattr(monitor, "time", types.SimpleNamespace(
+        monotonic=lambda: 0.1 * steps["n"], time=time.time, strftime=time.strftime, gmtime=time.gmtime))
+    run = tmp_path / "timed"
+    assert cli(["tokenizer", "train", "image", "--data", str(image_data), "--out", str(run), "--max-minutes", "0.02",
+                "--no-progress", *[a for s in MICRO_SET for a in ("--set", s)], "--set", "warmup_steps=50",
+                "--set", "cooldown=0.5"]) == 0
+    summary = json.loads((run / "train_summary.json").read_text())
+    lrs = [r["lr"] for r in read_metrics(run) if "train/loss" in r]
+    assert summary["stopped_by"] == "max_minutes" and abs(summary["step"] - 12) <= 1
+    assert max(lrs) > 0.9 * 2e-3  # the warmup takes a tenth of the 12 planned steps, not 50
+    assert summary["planned_steps"] == summary["step"] and bars[0].bar.total == summary["step"]
+    assert lrs[-2] == pytest.approx(2 * lrs[-1])  # the linear cooldown reaches 0 as the time runs out

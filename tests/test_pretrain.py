@@ -1,16 +1,19 @@
-"""The trainer: run directory, per-modality logging, exact resume, DDP equivalence, NaN handling."""
+"""The trainer: run directory, per-modality logging, exact resume, DDP equivalence, NaN handling, time budgets."""
 
 import json
 import os
 import subprocess
 import sys
+import time
+import types
 from pathlib import Path
 
 import pytest
 
 from tessera.tokenizers import build_bundle
 from tessera.train import pretrain
-from tessera.train.monitor import read_metrics
+from tessera.train import monitor
+from tessera.train.monitor import Progress, read_metrics
 from tessera.train.pretokenize import PretokenizeConfig, pretokenize
 
 WORDS = ["seven", "eight", "digit", "a", "the", "drawing", "of", "is", "what", "this"]
@@ -67,6 +70,42 @@ def test_exact_resume(corpus, tmp_path):
     pretrain.main(args(corpus, split, "--resume", "--max-steps", "8"))
     assert losses(straight) == losses(split)  # bit-identical per-step losses
     assert len(losses(split)) == 8
+
+
+def test_a_time_budget_alone_sizes_the_schedule_and_ends_the_run(corpus, tmp_path, monkeypatch, capsys):
+    """--max-minutes without --max-steps: the run goes on until the time is up, past the default step count;
+    the lr schedule and the progress bar are sized to the steps that fit, and the log names the bound.
+    A fake clock makes every step take 50 ms, so 3 s fit 60 steps."""
+    real, calls, bars = pretrain.token_losses, {"n": 0}, []
+
+    def counted(*a, **k):
+        calls["n"] += 1
+        return real(*a, **k)
+
+    class Bar(Progress):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            bars.append(self)
+
+    monkeypatch.setattr(pretrain, "token_losses", counted)
+    monkeypatch.setattr(monitor, "time", types.SimpleNamespace(
+        monotonic=lambda: 0.05 * calls["n"], time=time.time, strftime=time.strftime, gmtime=time.gmtime))
+    monkeypatch.setattr(pretrain, "Progress", Bar)
+    monkeypatch.setattr(pretrain, "DEFAULT_STEPS", 20, raising=False)
+    run = tmp_path / "timed"
+    assert pretrain.main(args(corpus, run, "--max-minutes", "0.05", "--set", "warmup_steps=30")) == 0
+    out = capsys.readouterr().out
+    recs = [r for r in read_metrics(run) if "loss" in r]
+    last = recs[-1]
+    assert 59 <= last["step"] <= 61  # past DEFAULT_STEPS: only the time bounds the run
+    assert last["lr"] == pytest.approx(3e-3 * 0.1, rel=0.01)  # decayed to its floor as the time ran out
+    assert bars[0].bar.total == last["step"] and last["planned_steps"] == last["step"]
+    assert recs[9]["lr"] > 0.8 * 3e-3  # warmup capped to a tenth of the planned run, not 30 of 60 steps
+    assert "the time limit (0.05 min) ended the run" in out
+    # --resume without bounds continues the recorded plan (it is complete: nothing left to do)
+    assert pretrain.main(args(corpus, run, "--resume")) == 0
+    assert f"stopped at step {last['step']} after" in capsys.readouterr().out
+    assert [r["step"] for r in read_metrics(run) if "loss" in r][-1] == last["step"]
 
 
 def test_gradient_accumulation_matches_a_larger_batch(corpus, tmp_path):

@@ -1,3 +1,4 @@
+import itertools
 import json
 import os
 
@@ -7,7 +8,7 @@ import torch
 from tessera.config import ConfigError, apply_overrides, from_dict, to_dict
 from tessera.train.checkpoint import (CheckpointManager, capture_rng, flatten_optimizer_state, restore_rng,
                                       unflatten_optimizer_state)
-from tessera.train.monitor import MetricsLogger, RunBudget, read_metrics, wsd_factor
+from tessera.train.monitor import MetricsLogger, Progress, RunBudget, read_metrics, wsd_factor
 from dataclasses import dataclass, field
 
 
@@ -103,10 +104,92 @@ def test_budget_fraction_and_warmup_stable_decay():
     b = RunBudget(max_steps=100, handle_signals=False)
     assert b.fraction(0) == 0.0 and b.fraction(50) == 0.5 and b.fraction(250) == 1.0
     assert RunBudget(handle_signals=False).fraction(10**6) == 0.0  # unbounded: never cools down
-    b = RunBudget(max_steps=10**6, max_minutes=1e-9, handle_signals=False)
-    assert b.fraction(1) == 1.0  # minutes spent count, whichever share is larger
+    assert RunBudget(max_minutes=1, handle_signals=False).fraction(1) == 0.0  # no plan measured yet
     # warmup over 10 steps, flat, then linear to 0 over the last 30%
     assert wsd_factor(0, 0.0, 10, 0.3) == pytest.approx(0.1)
     assert wsd_factor(50, 0.5, 10, 0.3) == 1.0 and wsd_factor(50, 0.7, 10, 0.3) == pytest.approx(1.0)
     assert wsd_factor(85, 0.85, 10, 0.3) == pytest.approx(0.5) and wsd_factor(100, 1.0, 10, 0.3) == 0.0
     assert wsd_factor(100, 1.0, 10, 0.0) == 1.0  # cooldown 0: no decay
+
+
+class FakeClock:
+    def __init__(self):
+        self.t = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def simulate(budget: RunBudget, clock: FakeClock, seconds_per_step, progress: Progress | None = None):
+    """Run steps of `seconds_per_step(step)` seconds until the budget stops; returns the steps and the
+    fraction after each step, and how often the plan changed."""
+    step, fracs, replans = budget.start_step, [], 0
+    while not budget.should_stop(step):
+        clock.t += seconds_per_step(step)
+        step += 1
+        replans += budget.plan(step)
+        fracs.append(budget.fraction(step))
+        if progress is not None:
+            progress.update(step)
+    return step, fracs, replans
+
+
+def test_a_time_budget_alone_sizes_the_plan_to_the_steps_that_fit():
+    clock = FakeClock()
+    b = RunBudget(max_minutes=1, handle_signals=False, clock=clock)
+    assert b.planned_steps is None
+    bar = Progress(b, enabled=False)
+    # two slow first steps (compilation), then 20 ms a step: 2 + 58 s / 20 ms = 2902 steps fit
+    step, fracs, replans = simulate(b, clock, lambda s: 1.0 if s < 2 else 0.02, bar)
+    assert b.reason == "max_minutes" and abs(step - 2902) <= 1
+    assert abs(b.planned_steps - step) <= 1 and bar.bar.total == b.planned_steps
+    assert replans == 1  # a steady rate: planned once, never re-planned
+    assert fracs[-1] == pytest.approx(1.0, abs=1e-3) and fracs[len(fracs) // 2] == pytest.approx(0.5, abs=0.01)
+    assert b.warmup(500) == b.planned_steps // 10 and b.warmup(50) == 50  # warmup: at most a tenth of the plan
+    assert "time limit (1 min) ended the run" in b.stop_message()
+
+
+def test_a_drifting_rate_is_re_planned_and_the_fraction_stays_continuous():
+    clock = FakeClock()
+    b = RunBudget(max_minutes=1, handle_signals=False, clock=clock)
+    # 10 ms a step for 20 s, then 20 ms: the first plan (~6000 steps) is too long by half
+    step, fracs, replans = simulate(b, clock, lambda s: 0.01 if clock.t < 20 else 0.02)
+    assert b.reason == "max_minutes" and abs(step - 4000) <= 2
+    assert replans > 1 and abs(b.planned_steps - step) <= 1
+    assert fracs[-1] == pytest.approx(1.0, abs=1e-3)  # the lr schedule still ends at the end of the budget
+    jumps = [b - a for a, b in itertools.pairwise(fracs)]
+    assert min(jumps) >= 0 and max(jumps) < 0.002  # monotone, and no jump where the plan changed
+
+
+def test_with_both_bounds_the_first_one_ends_the_run_and_says_so():
+    clock = FakeClock()
+    b = RunBudget(max_steps=100, max_minutes=1, handle_signals=False, clock=clock)
+    step, fracs, _ = simulate(b, clock, lambda s: 0.02)
+    assert (step, b.reason, b.planned_steps) == (100, "max_steps", 100) and fracs[-1] == 1.0
+    assert b.stop_message() == "the step limit (100 steps) ended the run, 1.0 min before the time limit (1 min)"
+    clock = FakeClock()
+    b = RunBudget(max_steps=10**6, max_minutes=1, handle_signals=False, clock=clock)
+    assert b.planned_steps == 10**6
+    step, fracs, _ = simulate(b, clock, lambda s: 0.02)
+    assert b.reason == "max_minutes" and abs(step - 3000) <= 1 and abs(b.planned_steps - step) <= 1
+    assert fracs[-1] == pytest.approx(1.0, abs=1e-3)
+    assert "time limit (1 min) ended the run, before the step limit (1000000 steps)" in b.stop_message()
+
+
+def test_a_step_bound_alone_is_the_plan_and_resumes_continue_it():
+    clock = FakeClock()
+    b = RunBudget(max_steps=100, handle_signals=False, clock=clock)
+    _, fracs, replans = simulate(b, clock, lambda s: 1.0)
+    assert replans == 0 and b.planned_steps == 100 and fracs == [s / 100 for s in range(1, 101)]
+    assert b.warmup(50) == 50  # no time budget: warmup as configured
+    state = RunBudget(max_steps=100, handle_signals=False).state_dict()
+    again = RunBudget(max_steps=100, handle_signals=False, start_step=40)
+    again.load_state_dict(state, 40)
+    assert again.fraction(50) == 0.5
+    longer = RunBudget(max_steps=200, handle_signals=False, start_step=40)
+    longer.load_state_dict(state, 40)  # a new bound: the rest of the schedule spreads over the new steps
+    assert longer.fraction(40) == pytest.approx(0.4) and longer.fraction(120) == pytest.approx(0.7)
+    assert longer.fraction(200) == 1.0
+    unbounded = RunBudget(handle_signals=False, start_step=40)
+    unbounded.load_state_dict(longer.state_dict(), 40)
+    assert unbounded.planned_steps == 200 and unbounded.fraction(120) == pytest.approx(0.7)

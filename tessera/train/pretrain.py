@@ -14,8 +14,13 @@
 Every step: the loss is summed over all target tokens of the global batch (all ranks, all micro-steps) and
 divided by their global count, so the result does not depend on how the batch is split across processes.
 Logged (metrics.jsonl, TensorBoard, progress bar): loss in total and per modality, z-loss, lr, grad norm,
-tokens/s, MFU. A step whose loss or gradient is NaN/Inf is skipped and counted; `max_nan_skips` in a row
-stop the run with the last good checkpoint kept.
+tokens/s, MFU, the planned steps. A step whose loss or gradient is NaN/Inf is skipped and counted;
+`max_nan_skips` in a row stop the run with the last good checkpoint kept.
+
+The LR schedule's length is `steps` when set; otherwise the budget's plan (`RunBudget`): `--max-steps`, or
+with `--max-minutes` the steps that fit in the time at the measured throughput (the smaller, with both), so
+a time-bounded run ends with its lr decayed. Without either bound a run takes 1000 steps, or on `--resume`
+continues the checkpoint's plan.
 """
 
 from __future__ import annotations
@@ -52,6 +57,7 @@ from tessera.train.shards import read_manifest
 
 RUN_FORMAT = "tessera-run"
 RUN_VERSION = 1
+DEFAULT_STEPS = 1000  # a run with neither --max-steps nor --max-minutes
 
 
 @dataclass
@@ -59,7 +65,7 @@ class TrainConfig:
     seq_len: int = 512
     batch_size: int = 8  # windows per rank per micro-step
     grad_accum: int = 1
-    steps: int = 0  # length of the LR schedule; 0: --max-steps (or 1000 without it)
+    steps: int = 0  # length of the LR schedule (and a step bound); 0: planned from --max-steps/--max-minutes
     lr: float = 3e-3
     min_lr_ratio: float = 0.1
     warmup_steps: int = 50
@@ -102,21 +108,19 @@ def token_losses(logits: torch.Tensor, targets: torch.Tensor, modality: torch.Te
     return out
 
 
-def lr_at(step: int, cfg: TrainConfig) -> float:
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
+def lr_at(step: int, frac: float, warmup: int, cfg: TrainConfig) -> float:
+    """The lr after `step` steps, `frac` of the way through the schedule (`RunBudget.fraction`): a linear
+    warmup over `warmup` steps times a cosine or WSD decay to `min_lr_ratio` by `frac` (or none, constant).
+    The decay is a function of `frac`, not of the step, so it follows a re-planned run continuously."""
+    warm = min(1.0, (step + 1) / max(1, warmup))
     if cfg.schedule == "constant":
-        return cfg.lr
+        return cfg.lr * warm
     lo = cfg.lr * cfg.min_lr_ratio
     if cfg.schedule == "cosine":
-        p = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
-        return lo + (cfg.lr - lo) * 0.5 * (1 + math.cos(math.pi * p))
+        return warm * (lo + (cfg.lr - lo) * 0.5 * (1 + math.cos(math.pi * frac)))
     if cfg.schedule == "wsd":
-        decay_start = int(cfg.steps * (1 - cfg.decay_fraction))
-        if step < decay_start:
-            return cfg.lr
-        p = min(1.0, (step - decay_start) / max(1, cfg.steps - decay_start))
-        return cfg.lr + (lo - cfg.lr) * p
+        p = min(1.0, max(0.0, (frac - 1 + cfg.decay_fraction) / max(1e-9, cfg.decay_fraction)))
+        return warm * (cfg.lr + (lo - cfg.lr) * p)
     raise ConfigError(f"unknown schedule {cfg.schedule!r}: cosine, wsd or constant")
 
 
@@ -256,8 +260,6 @@ def prepare_run(args, env) -> tuple[ModelConfig, TrainConfig, dict, bool]:
         mcfg.vocab_size = layout.padded_vocab_size
         mcfg = from_dict(ModelConfig, to_dict(mcfg))  # re-validate after overrides
         tcfg = apply_overrides(TrainConfig(), train_over)
-    if not resuming and tcfg.steps == 0:
-        tcfg.steps = args.max_steps or 1000
     if args.fsdp:
         tcfg.fsdp = True
     if args.compile:
@@ -336,6 +338,7 @@ def _train(args, env) -> dict:
                           layout, rank=env.rank, world_size=env.world_size)
     ckpt = CheckpointManager(out, keep=tcfg.keep_checkpoints)
     step, nan_skips, tokens_seen = 0, 0, 0
+    schedule = None
     if resuming:
         tensors, state = ckpt.load(device="cpu")
         load_full_model_state(model, tensors["model"])
@@ -344,12 +347,31 @@ def _train(args, env) -> dict:
         loader.load_state_dict(state["loader"])
         restore_rng(tensors["rng"], state["rng"])
         step, nan_skips, tokens_seen = state["step"], state["nan_skips"], state["tokens_seen"]
+        schedule = state.get("schedule")
         if env.is_main:
             print(f"[tessera] resumed {out} at step {step}")
-    for g in optimizer.param_groups:
-        g["lr"] = lr_at(step, tcfg)
 
-    budget = RunBudget(args.max_steps if args.max_steps is not None else tcfg.steps, args.max_minutes)
+    # The run stops at --max-steps, else at the end of a fixed schedule (`steps`), else at --max-minutes alone;
+    # with no bound at all, at the resumed run's plan or DEFAULT_STEPS.
+    max_steps = args.max_steps
+    if max_steps is None and tcfg.steps:
+        max_steps = tcfg.steps
+    elif max_steps is None and args.max_minutes is None:
+        max_steps = (schedule or {}).get("planned_steps") or DEFAULT_STEPS
+    budget = RunBudget(max_steps, args.max_minutes, start_step=step)
+    if schedule:
+        budget.load_state_dict(schedule, step)
+
+    def set_lr() -> None:
+        """The lr of the next step: a fixed `steps` schedule, or one sized to the budget's plan."""
+        if tcfg.steps:
+            lr = lr_at(step, step / tcfg.steps, tcfg.warmup_steps, tcfg)
+        else:
+            lr = lr_at(step, budget.fraction(step), budget.warmup(tcfg.warmup_steps), tcfg)
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+
+    set_lr()
     metrics = MetricsLogger(out, enabled=env.is_main, resume_step=step if resuming else None)
     progress = Progress(budget, start_step=step, desc="pretrain", unit="step", enabled=env.is_main)
     modality = torch.as_tensor(layout.modality_table(), device=env.device)
@@ -369,7 +391,7 @@ def _train(args, env) -> dict:
             rng_t, rng_meta = capture_rng()
             ckpt.save(step, {"model": model_sd, "optimizer": opt_t, "rng": rng_t}, {
                 "optimizer": opt_meta, "rng": rng_meta, "loader": loader.state_dict(), "nan_skips": nan_skips,
-                "tokens_seen": tokens_seen, "train": to_dict(tcfg),
+                "tokens_seen": tokens_seen, "train": to_dict(tcfg), "schedule": budget.state_dict(),
             })
             save_tensors(out / "model.safetensors", model_sd, metadata={"format": "pt"})
         barrier()
@@ -413,6 +435,7 @@ def _train(args, env) -> dict:
             grad_norm = grad_norm.full_tensor()
         grad_norm = float(grad_norm)
         step += 1
+        budget.plan(step)
         tokens_seen += sum(b["input_ids"].numel() for b in batches) * env.world_size
         if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):
             optimizer.zero_grad(set_to_none=True)
@@ -424,14 +447,12 @@ def _train(args, env) -> dict:
                 stop_error = (f"{consecutive_nan} non-finite steps in a row at step {step}; stopping. The last good "
                               f"checkpoint ({ckpt.latest_step()}) is kept; lower lr or check the data.")
                 break
-            for g in optimizer.param_groups:
-                g["lr"] = lr_at(step, tcfg)
+            set_lr()
             continue
         consecutive_nan = 0
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        for g in optimizer.param_groups:
-            g["lr"] = lr_at(step, tcfg)
+        set_lr()
 
         window["ce"] += sums[0].item()
         window["z"] += sums[1].item()
@@ -445,7 +466,8 @@ def _train(args, env) -> dict:
             tps = window["tokens"] / dt
             rec = {"loss": window["ce"] / max(1, window["count"]), "lr": optimizer.param_groups[0]["lr"],
                    "grad_norm": grad_norm, "tokens_per_sec": tps, "tokens_seen": tokens_seen,
-                   "mfu": flops_per_token * tps / (peak * env.world_size) if peak else None}
+                   "mfu": flops_per_token * tps / (peak * env.world_size) if peak else None,
+                   "planned_steps": budget.planned_steps}
             if tcfg.z_loss:
                 rec["z_loss"] = window["z"] / max(1, window["count"])
             for i, m in enumerate(MODALITIES):
@@ -481,11 +503,11 @@ def _train(args, env) -> dict:
                              autocast_dtype)
         metrics.log(step, **last_eval)
     metrics.close()
-    summary = {"step": step, "stopped_by": budget.reason, "seconds": round(budget.elapsed, 1),
-               "tokens_seen": tokens_seen, "nan_skips": nan_skips, **last_eval}
+    summary = {"step": step, "stopped_by": budget.reason, "planned_steps": budget.planned_steps,
+               "seconds": round(budget.elapsed, 1), "tokens_seen": tokens_seen, "nan_skips": nan_skips, **last_eval}
     if env.is_main:
-        print(f"[tessera] stopped at step {step} ({budget.reason}) after {budget.elapsed:.0f}s; "
-              + ", ".join(f"{k} {v:.4g}" for k, v in last_eval.items()))
+        print(f"[tessera] stopped at step {step} after {budget.elapsed:.0f}s: {budget.stop_message()}"
+              + "".join(f", {k} {v:.4g}" for k, v in last_eval.items()))
     return summary
 
 
@@ -498,7 +520,10 @@ def add_pretrain_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, metavar="RUN")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     p.add_argument("--max-steps", type=int, help="stop after this many steps (also the LR schedule's length)")
-    p.add_argument("--max-minutes", type=float, help="stop after this much wall time (this invocation)")
+    p.add_argument("--max-minutes", type=float,
+                   help="stop after this much wall time (this invocation). Without --max-steps the LR schedule "
+                        "and the progress bar are sized to the steps that fit, measured from throughput and "
+                        "re-planned if it drifts; with both, whichever comes first ends the run")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a training key (lr=1e-3) or a model key (model.dim=512)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda")

@@ -58,7 +58,7 @@ class AudioTrainConfig:
     lr: float = 3e-4
     betas: list[float] = field(default_factory=lambda: [0.5, 0.9])  # EnCodec's Adam betas
     warmup_steps: int = 100
-    cooldown: float = 0.1  # last fraction of the run (--max-steps/--max-minutes) over which the lr decays to 0
+    cooldown: float = 0.1  # last fraction of the planned steps (RunBudget) over which the lr decays to 0
     grad_clip: float = 1.0  # 0: off
     mel_weight: float = 1.0
     mel_linear_weight: float = 1.0  # inside the mel loss: L1(log mel) + this * L1(mel)
@@ -285,9 +285,9 @@ def save_samples(out: Path, step: int, clips, recons, sample_rate: int, n: int) 
         Audio(y, sample_rate).save(d / f"{i:02d}_reconstruction.wav", subtype="PCM_16")
 
 
-def _lr_at(step: int, frac: float, tcfg: AudioTrainConfig) -> float:
-    """The lr of step `step` (counted from 1) at run fraction `frac`: warmup, flat, linear cooldown."""
-    return tcfg.lr * wsd_factor(step - 1, frac, tcfg.warmup_steps, tcfg.cooldown)
+def _lr_at(step: int, budget: RunBudget, tcfg: AudioTrainConfig) -> float:
+    """The lr of step `step` (counted from 1): warmup, flat, linear cooldown over the budget's planned steps."""
+    return tcfg.lr * wsd_factor(step - 1, budget.fraction(step), budget.warmup(tcfg.warmup_steps), tcfg.cooldown)
 
 
 # ------------------------------------------------------------------------------------------------ train
@@ -410,7 +410,7 @@ def _train(env, data, out: Path, preset_name, overrides, eval_data, max_steps, m
         init_vq()
 
     metrics = MetricsLogger(out, enabled=main, resume_step=step if resume_step is not None else None)
-    budget = RunBudget(max_steps=max_steps, max_minutes=max_minutes)
+    budget = RunBudget(max_steps=max_steps, max_minutes=max_minutes, start_step=step)
     bar = Progress(budget, start_step=step, desc="audio codec", enabled=main and progress)
     model.train()
 
@@ -454,7 +454,7 @@ def _train(env, data, out: Path, preset_name, overrides, eval_data, max_steps, m
     try:
         while not budget.should_stop(step):
             step += 1
-            lr = _lr_at(step, budget.fraction(step), tcfg)
+            lr = _lr_at(step, budget, tcfg)
             for g in opt.param_groups:
                 g["lr"] = lr
             x = sampler.batch(step, env.rank, tcfg.batch_size).to(dev)[:, None]  # (B, 1, T)
@@ -493,6 +493,7 @@ def _train(env, data, out: Path, preset_name, overrides, eval_data, max_steps, m
                 raise AudioCodecError(f"step {step}: the loss is {parts['loss']}; lower lr or check the data")
             for k, v in parts.items():
                 agg[k] = agg.get(k, 0.0) + v
+            budget.plan(step)
             if step % tcfg.log_every == 0 or step == 1:
                 n = max(1, step - s_last)
                 dt = time.monotonic() - t_last
@@ -500,6 +501,7 @@ def _train(env, data, out: Path, preset_name, overrides, eval_data, max_steps, m
                 rec["lr"] = lr
                 rec["audio_seconds_per_s"] = n * tcfg.batch_size * env.world_size * crop / sr / max(dt, 1e-9)
                 rec["dropout"] = drop
+                rec["planned_steps"] = budget.planned_steps
                 if main:
                     metrics.log(step, split="train", **rec)
                 agg, t_last, s_last = {}, time.monotonic(), step
@@ -523,10 +525,11 @@ def _train(env, data, out: Path, preset_name, overrides, eval_data, max_steps, m
             if not (tcfg.save_every and step % tcfg.save_every == 0) and step > 0:
                 save(step)
         metrics.close()
-    summary = {"step": step, "stopped": budget.reason, "minutes": round(budget.elapsed / 60, 2),
+    summary = {"step": step, "stopped": budget.reason, "planned_steps": budget.planned_steps,
+               "minutes": round(budget.elapsed / 60, 2),
                "train_clips": len(clips), "skipped": skips.to_dict(), "notes": notes,
                "codebook_spread": codebook_spread(model)}
-    log(f"stopped at step {step} ({budget.reason}); codec written to {out}")
+    log(f"stopped at step {step} after {summary['minutes']} min ({budget.stop_message()}); codec written to {out}")
     return summary
 
 
@@ -538,8 +541,11 @@ def add_train_arguments(p) -> None:
     p.add_argument("--eval-data", default=None, help="held-out clips (default: a few clips held out of --data)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a model or training config key (repeatable), e.g. --set strides=8,5,4,2")
-    p.add_argument("--max-steps", type=int, default=None)
-    p.add_argument("--max-minutes", type=float, default=None)
+    p.add_argument("--max-steps", type=int, default=None, help="stop at this step (also the lr schedule's length)")
+    p.add_argument("--max-minutes", type=float, default=None,
+                   help="stop after this much wall time (this invocation). Without --max-steps the lr schedule "
+                        "and the progress bar are sized to the steps that fit, measured from throughput and "
+                        "re-planned if it drifts; with both, whichever comes first ends the run")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/latest")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda")
     p.add_argument("--no-progress", action="store_true")

@@ -8,8 +8,9 @@
   scaled by the adaptive weight (taming-transformers) and starts at `disc_start`, plus discriminator
   feature matching. Every weight is in `ImageTrainConfig`; a weight of 0 switches its term off.
 - The learning rate warms up linearly, stays flat, and cools down linearly to zero over the last
-  `cooldown` fraction of the run, measured in steps or in minutes, whichever bound is nearer, so a
-  `--max-minutes` run ends cooled down too (warmup-stable-decay).
+  `cooldown` fraction of the planned steps (warmup-stable-decay): `--max-steps`, or with `--max-minutes`
+  the steps that fit at the measured throughput (re-planned if it drifts), so a `--max-minutes` run ends
+  cooled down too; the warmup then takes at most a tenth of the plan.
 - bf16 autocast on GPUs that support it (`amp=auto`); CPU runs in fp32. The quantizer is always fp32.
 - DDP: the autoencoder and the discriminator are wrapped separately with `broadcast_buffers=False`; the
   VQ codebook's EMA statistics and dead-code replacement are all-reduced by the quantizer itself
@@ -291,7 +292,7 @@ def _train(env, data, out: Path, preset_name, overrides, eval_data, max_steps, m
             d_model = DDP(disc, device_ids=ids, broadcast_buffers=False)
 
     # ---- bookkeeping
-    budget = RunBudget(max_steps=max_steps, max_minutes=max_minutes)
+    budget = RunBudget(max_steps=max_steps, max_minutes=max_minutes, start_step=start_step)
     metrics = MetricsLogger(out, enabled=main, resume_step=start_step if state else None)
     bar = Progress(budget, start_step=start_step, desc="image codec", enabled=main and progress)
     if main:
@@ -373,7 +374,7 @@ def _train(env, data, out: Path, preset_name, overrides, eval_data, max_steps, m
             continue
         x = batch.to(dev, non_blocking=True).float().div_(127.5).sub_(1.0)  # [-1, 1]
 
-        lr_f = wsd_factor(step, budget.fraction(step), tcfg.warmup_steps, tcfg.cooldown)
+        lr_f = wsd_factor(step, budget.fraction(step), budget.warmup(tcfg.warmup_steps), tcfg.cooldown)
         for g in opt_g.param_groups:
             g["lr"] = tcfg.lr * lr_f
 
@@ -428,6 +429,7 @@ def _train(env, data, out: Path, preset_name, overrides, eval_data, max_steps, m
             logs["d_loss"] = d_loss.detach()
 
         step += 1
+        budget.plan(step)
         logs["loss"] = loss.detach()
         for k, v in logs.items():
             sums[k] = sums.get(k, 0.0) + float(v)
@@ -438,7 +440,7 @@ def _train(env, data, out: Path, preset_name, overrides, eval_data, max_steps, m
             avg = {k: v / n_steps for k, v in sums.items()}
             if main:
                 metrics.log(step, **{f"train/{k}": v for k, v in avg.items()}, lr=tcfg.lr * lr_f,
-                            images_per_s=n_img_log / dt)
+                            images_per_s=n_img_log / dt, planned_steps=budget.planned_steps)
             bar.update(step, loss=avg["loss"], rec=avg["rec"], **{"img/s": f"{n_img_log / dt:.1f}"})
             sums, t_log, n_img_log = {}, time.monotonic(), 0
         else:
@@ -465,7 +467,8 @@ def _train(env, data, out: Path, preset_name, overrides, eval_data, max_steps, m
     in_sync = all(c == sums_by_rank[0] for c in sums_by_rank)
     if main and not in_sync:
         print("warning: model or codebook state differs across ranks; this is a bug, please report it")
-    summary = {"step": step, "stopped_by": budget.reason, "minutes": round(budget.elapsed / 60, 2),
+    summary = {"step": step, "stopped_by": budget.reason, "planned_steps": budget.planned_steps,
+               "minutes": round(budget.elapsed / 60, 2),
                "preset": preset_name, "eval": last_eval_res, "skipped": skips.to_dict(),
                "train_files": len(train_files), "eval_files": len(eval_files), "split": split_how,
                "world_size": env.world_size, "ranks_in_sync": in_sync, "rank_checksums": sums_by_rank}
@@ -473,7 +476,7 @@ def _train(env, data, out: Path, preset_name, overrides, eval_data, max_steps, m
         atomic_write_json(out / "train_summary.json", summary)
         metrics.close()
         ev = last_eval_res or {}
-        print(f"image codec -> {out}: step {step} ({budget.reason}, {summary['minutes']} min)"
+        print(f"image codec -> {out}: step {step} after {summary['minutes']} min ({budget.stop_message()})"
               + (f", held-out PSNR {ev['psnr']:.2f} dB, SSIM {ev['ssim']:.3f}, "
                  f"usage {100 * ev['codebook_usage']:.1f}%" if ev else ""))
         print(f"inputs: {skips.summary()}")
@@ -492,8 +495,11 @@ def add_train_arguments(p) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a codec or training config key (repeatable), e.g. --set quantizer=vq")
     p.add_argument("--eval-data", default=None, metavar="DIR_OR_JSONL", help="held-out images (default: see --data)")
-    p.add_argument("--max-steps", type=int, default=None)
-    p.add_argument("--max-minutes", type=float, default=None)
+    p.add_argument("--max-steps", type=int, default=None, help="stop at this step (also the lr schedule's length)")
+    p.add_argument("--max-minutes", type=float, default=None,
+                   help="stop after this much wall time (this invocation). Without --max-steps the lr schedule "
+                        "and the progress bar are sized to the steps that fit, measured from throughput and "
+                        "re-planned if it drifts; with both, whichever comes first ends the run")
     p.add_argument("--resume", action="store_true", help="continue from OUT's latest checkpoint")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--workers", type=int, default=None, help="data loader processes (default: 0 on CPU, 4 on GPU)")
