@@ -15,6 +15,7 @@ Outputs are lists of segments: str, PIL.Image.Image, tessera.Audio.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -112,8 +113,10 @@ class Tessera:
         L, tok = self.tokenizer.layout, self.tokenizer
         if output not in OUTPUTS:
             raise ValueError(f"output must be one of {OUTPUTS}, not {output!r}")
+        if max_new_tokens is not None and not (isinstance(max_new_tokens, numbers.Integral) and max_new_tokens >= 1):
+            raise ValueError(f"max_new_tokens must be an integer >= 1 (None: the output's default), got {max_new_tokens!r}")
         if output == "text":
-            return [], FSMConfig(), TEXT, 0, max_new_tokens or 64
+            return [], FSMConfig(), TEXT, 0, 64 if max_new_tokens is None else max_new_tokens
         if output == "image":
             if tok.image_codec is None:
                 raise TesseraError("this model's tokenizer has no image codec")
@@ -127,14 +130,18 @@ class Tessera:
             h, w = size[0] // f, size[1] // f
             if max(h, w) > L.max_grid:
                 raise ValueError(f"image_size {size} needs a {h}x{w} grid; the vocabulary allows {L.max_grid} per side")
-            return [L.boi, L.h_token(h), L.w_token(w)], FSMConfig(stop_after_span=True), CODES, h * w, h * w + 1
+            span = h * w + 1  # the codes and <eoi>: an image's length is fixed by its grid
+            if max_new_tokens is not None and max_new_tokens < span:
+                raise ValueError(f"max_new_tokens {max_new_tokens} cannot hold a {h}x{w}-code image ({h * w} codes and "
+                                 f"<eoi>, {span} tokens); leave it unset: image_size fixes an image's length")
+            return [L.boi, L.h_token(h), L.w_token(w)], FSMConfig(stop_after_span=True), CODES, h * w, span
         if output == "audio":
             if tok.audio_codec is None:
                 raise TesseraError("this model's tokenizer has no audio codec")
             info = tok.audio_codec.info
             seconds = 10.0 if max_audio_seconds is None else max_audio_seconds
             frames = max(1, math.ceil(seconds * info.frame_rate))
-            budget = max_new_tokens or frames * L.audio_levels + 1
+            budget = frames * L.audio_levels + 1 if max_new_tokens is None else max_new_tokens
             if budget < L.audio_levels + 1:
                 raise ValueError(f"max_new_tokens {budget} cannot hold one audio frame ({L.audio_levels} codes) and <eoa>")
             return [L.boa], FSMConfig(stop_after_span=True, max_audio_frames=frames), AUDIO, 0, budget
@@ -145,13 +152,30 @@ class Tessera:
         if tok.image_codec is not None and tok.image_codec.info.max_size:
             max_grid = tok.image_codec.info.max_size // tok.image_codec.info.downsample
         cfg = FSMConfig(allow_image=L.has_image, allow_audio=L.has_audio, max_grid=max_grid, max_audio_frames=frames)
-        return [], cfg, TEXT, 0, max_new_tokens or 256
+        return [], cfg, TEXT, 0, 256 if max_new_tokens is None else max_new_tokens
 
     # ------------------------------------------------------------------------------------ generate
     def _tokens(self, prompts, output, max_new_tokens, temperature, top_k, top_p, cfg_scale, seed, image_size,
                 max_audio_seconds):
+        sampling = SamplingConfig(temperature, top_k, top_p)  # checks their ranges
+        if not math.isfinite(cfg_scale):
+            raise ValueError(f"cfg_scale must be a finite number (1: off), got {cfg_scale}")
         suffix, fsm_cfg, start, remaining, budget = self._plan(output, max_new_tokens, image_size, max_audio_seconds)
         ids = [self._prompt_ids(p) + suffix for p in prompts]
+        # Positions past max_seq_len were never trained: refuse them rather than generate noise. A default
+        # budget shrinks to the room left (the FSM still closes spans in time); an explicit one must fit.
+        limit, longest = self.model.cfg.max_seq_len, max(len(i) for i in ids)
+        if longest >= limit:
+            raise ValueError(f"the prompt is {longest} tokens; the model's max_seq_len is {limit}, which must also "
+                             f"leave room for at least one new token")
+        if longest + budget > limit:
+            if max_new_tokens is not None or output == "image":
+                raise ValueError(f"the prompt ({longest} tokens) and {budget} new tokens exceed the model's "
+                                 f"max_seq_len {limit}: shorten the prompt or lower max_new_tokens")
+            budget = limit - longest
+            if output == "audio" and budget < self.tokenizer.layout.audio_levels + 1:
+                raise ValueError(f"the prompt ({longest} tokens) leaves no room for one audio frame within the "
+                                 f"model's max_seq_len {limit}")
         uncond = None
         if cfg_scale != 1.0:
             if output not in ("image", "audio"):
@@ -159,7 +183,7 @@ class Tessera:
             # the prompt with its conditioning dropped, as the loader's conditioning dropout trains it
             uncond = [[self.tokenizer.bos_id] + suffix for _ in prompts]
         gen = decode(self.model, ids, self.fsm, fsm_cfg, start_state=start, max_new_tokens=budget,
-                     sampling=SamplingConfig(temperature, top_k, top_p), pad_id=self.tokenizer.pad_id, seed=seed,
+                     sampling=sampling, pad_id=self.tokenizer.pad_id, seed=seed,
                      start_remaining=remaining, cfg_scale=cfg_scale, uncond_prompts=uncond, step_fn=self._step_fn,
                      static_cache=self._step_fn is not None)
         return suffix, gen
@@ -199,6 +223,12 @@ class Tessera:
         temperature 0 is greedy; top_k / top_p filter the distribution; cfg_scale > 1 applies classifier-free
         guidance inside image/audio spans. The same seed gives the same output; for a batch, a list of seeds
         (one per prompt) makes every prompt sample exactly as it would alone.
+
+        max_new_tokens (>= 1) bounds the generated tokens; None means 64 for text, 256 for "any", and
+        `max_audio_seconds` of frames for audio, shrunk to the room the prompt leaves within the model's
+        max_seq_len. An image's length is fixed by its grid (h*w codes and <eoi>), so for output="image" it
+        only has to be large enough to hold that span. Out-of-range arguments (temperature < 0, top_p outside
+        (0, 1], a non-finite cfg_scale, a prompt that does not fit max_seq_len) raise ValueError.
         """
         _, batched = self._batch(prompt)
         ids = self.generate_ids(prompt, output=output, max_new_tokens=max_new_tokens, temperature=temperature,

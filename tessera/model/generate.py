@@ -11,6 +11,7 @@ they are the conditional ones.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -25,6 +26,15 @@ class SamplingConfig:
     temperature: float = 1.0  # 0: greedy
     top_k: int = 0  # 0: off
     top_p: float = 1.0  # 1: off
+
+    def __post_init__(self):
+        # `not x >= 0` is also true for NaN, which would otherwise reach torch.multinomial as a bad distribution.
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise ValueError(f"temperature must be a finite number >= 0 (0: greedy), got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0: off), got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1] (1: off), got {self.top_p}")
 
 
 def sample(logits: torch.Tensor, cfg: SamplingConfig, generator) -> torch.Tensor:

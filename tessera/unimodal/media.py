@@ -18,6 +18,7 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import soundfile as sf
@@ -42,7 +43,14 @@ class MediaError(TesseraError):
 # --------------------------------------------------------------------------------------------- audio type
 @dataclass
 class Audio:
-    """A waveform with its sample rate: `waveform` is float32, (T,) mono or (C, T)."""
+    """A waveform with its sample rate: `waveform` is float32, (T,) mono or (C, T).
+
+    A 2-D array given as (T, C), the layout soundfile returns, is transposed: an array with at most
+    `MAX_CHANNELS` rows is read as (C, T), else one with at most `MAX_CHANNELS` columns as (T, C); anything
+    else is refused rather than read as hundreds of channels.
+    """
+
+    MAX_CHANNELS: ClassVar[int] = 8
 
     waveform: np.ndarray
     sample_rate: int
@@ -54,6 +62,11 @@ class Audio:
         w = np.asarray(w, dtype=np.float32)
         if w.ndim not in (1, 2):
             raise ValueError(f"waveform must be (T,) or (C, T), got shape {w.shape}")
+        if w.ndim == 2 and w.shape[0] > self.MAX_CHANNELS:
+            if w.shape[1] > self.MAX_CHANNELS:
+                raise ValueError(f"waveform of shape {w.shape}: expected (T,), (C, T) or (T, C) with at most "
+                                 f"{self.MAX_CHANNELS} channels")
+            w = np.ascontiguousarray(w.T)  # (T, C) -> (C, T)
         self.waveform = w
         self.sample_rate = int(self.sample_rate)
         if self.sample_rate <= 0:
