@@ -40,6 +40,7 @@ from tessera.train.monitor import progress_bar
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 SPEECH_RATE = 16000
 CORPUS_VERSION = 1
+BUILD_MARKER = ".building"  # present while a build runs: the directory is a corpus in the making
 
 CAPTIONS = ("a drawing of the digit {w}", "the digit {w}", "{w}", "{d}", "what digit is this? {w}",
             "this is a {w}", "a handwritten {d}")
@@ -215,9 +216,13 @@ def _entry(path: str, label: int, augmented: set[str]) -> dict:
 
 def build_digits_corpus(out: str | Path, config: DigitsConfig | None = None, force: bool = False,
                         progress: bool = True) -> dict:
-    """Build the corpus into `out`; an existing complete corpus with the same config is reused."""
+    """Build the corpus into `out`; an existing complete corpus with the same config is reused.
+
+    `out` is replaced only when it is a digits corpus (complete, or a build that was interrupted); a
+    non-empty directory of anything else is refused unless `force`, which names it as disposable.
+    """
     from sklearn.datasets import load_digits
-    
+
     cfg = config or DigitsConfig()
     out = Path(out)
     meta_path = out / "meta.json"
@@ -226,10 +231,18 @@ def build_digits_corpus(out: str | Path, config: DigitsConfig | None = None, for
         if meta.get("config") == json.loads(json.dumps(asdict(cfg))) and meta.get("version") == CORPUS_VERSION:
             return meta
         raise CorpusError(f"{out} holds a digits corpus built with another config; pass --force to rebuild it")
+    if out.exists() and not out.is_dir():
+        raise CorpusError(f"--out {out} is a file, not a directory")
+    ours = meta_path.exists() or (out / BUILD_MARKER).exists()
+    if out.exists() and any(out.iterdir()) and not ours and not force:
+        raise CorpusError(f"{out} is not empty and is not a digits corpus; choose another --out, or pass --force "
+                          f"to delete everything in it")
     exe = check_espeak()
     t0 = time.perf_counter()
     if out.exists():
         shutil.rmtree(out)
+    out.mkdir(parents=True)
+    (out / BUILD_MARKER).touch()  # marks an unfinished build as ours, so a rerun may replace it
     for sub in ("images/train", "images/test", "speech/train", "speech/test"):
         (out / sub).mkdir(parents=True, exist_ok=True)
     rng = random.Random(cfg.seed)
@@ -306,6 +319,7 @@ def build_digits_corpus(out: str | Path, config: DigitsConfig | None = None, for
         "seconds": round(time.perf_counter() - t0, 1),
     }
     atomic_write_json(meta_path, meta)  # written last: its presence marks a complete corpus
+    (out / BUILD_MARKER).unlink()
     return meta
 
 
@@ -329,7 +343,8 @@ def add_build_arguments(p) -> None:
                         f"(default {DigitsConfig.speech_augment})")
     p.add_argument("--speech-image-pairs", type=int, default=None, metavar="N",
                    help=f"speech->image documents per training clip (default {DigitsConfig.speech_image_pairs})")
-    p.add_argument("--force", action="store_true", help="rebuild even if the corpus exists")
+    p.add_argument("--force", action="store_true",
+                   help="rebuild even if the corpus exists; replaces --out even if it holds other files")
 
 
 def run_build(args) -> int:

@@ -37,6 +37,14 @@ def _bundle_hash(spec: dict) -> str:
     return hashlib.sha256(json.dumps(core, sort_keys=True).encode()).hexdigest()
 
 
+def _is_bundle_dir(path: Path) -> bool:
+    """Whether `path` holds a tessera bundle (even one whose hash no longer matches)."""
+    try:
+        return read_json(path / "tokenizer.json").get("format") == BUNDLE_FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def build_bundle(
     out: str | Path,
     text: str | Path,
@@ -55,8 +63,14 @@ def build_bundle(
     serves several bitrates, and each level dropped shortens every audio span by one token per frame.
     """
     out = Path(out)
-    if out.exists() and any(out.iterdir()) and not force:
-        raise BundleError(f"{out} already exists; pass --force to replace it")
+    if out.exists() and not out.is_dir():
+        raise BundleError(f"--out {out} is a file, not a directory")
+    if out.exists() and any(out.iterdir()):
+        if not force:
+            raise BundleError(f"{out} already exists; pass --force to replace it")
+        if not _is_bundle_dir(out):  # --force replaces a bundle, never a directory of something else
+            raise BundleError(f"{out} is not a tokenizer bundle (no tokenizer.json of format {BUNDLE_FORMAT!r}); "
+                              f"--force only replaces a bundle: choose another --out")
     text_dir = Path(text)
     spm_path = text_dir / "spm.model" if text_dir.is_dir() else text_dir
     if not spm_path.is_file():

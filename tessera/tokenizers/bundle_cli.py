@@ -17,7 +17,7 @@ def add_build_arguments(p) -> None:
     p.add_argument("--reserved", type=int, default=DEFAULT_RESERVED, help="reserved special slots")
     p.add_argument("--audio-levels", type=int, default=None, metavar="K",
                    help="keep the audio codec's first K residual levels (default: all)")
-    p.add_argument("--force", action="store_true", help="replace an existing bundle")
+    p.add_argument("--force", action="store_true", help="replace an existing bundle in --out (never a directory that is not a bundle)")
 
 
 def run_build(args) -> int:

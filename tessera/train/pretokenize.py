@@ -18,7 +18,8 @@ for) are skipped and counted, with reasons and examples, in manifest.json; `--st
 an error instead.
 
 Re-running into an existing output resumes after the last complete shard. A different tokenizer bundle or
-changed inputs are refused (never two tokenizers in one shard set); `--force` starts over.
+changed inputs are refused (never two tokenizers in one shard set); `--force` starts over, deleting the
+output only if it is a shard set (or empty) that holds none of the inputs.
 """
 
 from __future__ import annotations
@@ -255,6 +256,19 @@ def _encode_chunk(chunk: tuple[int, int, int, int]) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ main loop
+def _check_disposable(out: Path, inputs: list[Path]) -> None:
+    """`--force` deletes `out`: only a shard set (or an empty directory), and never one holding an input."""
+    root = out.resolve()
+    for p in inputs:
+        if p.resolve().is_relative_to(root):
+            raise ShardError(f"--out {out} holds the input {p}; --force would delete it: choose another --out")
+    if not out.is_dir():
+        raise ShardError(f"--out {out} is not a directory")
+    if any(out.iterdir()) and not (out / "manifest.json").is_file():
+        raise ShardError(f"--out {out} is not a shard set (no manifest.json) and is not empty; --force only "
+                         f"replaces a shard set: choose another --out")
+
+
 def pretokenize(bundle: str | Path, inputs: list[str | Path], out: str | Path,
                 cfg: PretokenizeConfig | None = None, force: bool = False, progress: bool = True) -> dict:
     cfg = cfg or PretokenizeConfig()
@@ -267,6 +281,7 @@ def pretokenize(bundle: str | Path, inputs: list[str | Path], out: str | Path,
             raise FileNotFoundError(f"input {p} does not exist")
     prints = [fingerprint(p) for p in paths]
     if force and out.exists():
+        _check_disposable(out, paths + [bundle])
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     if (out / "manifest.json").exists():
@@ -362,7 +377,7 @@ def add_pretokenize_arguments(p) -> None:
                    help="longer clips are refused (counted as too_long)")
     p.add_argument("--device", default="auto", help="where codecs run: auto, cpu or cuda")
     p.add_argument("--strict", action="store_true", help="stop at the first bad sample instead of skipping it")
-    p.add_argument("--force", action="store_true", help="discard an existing output and start over")
+    p.add_argument("--force", action="store_true", help="discard an existing shard set in --out and start over")
 
 
 def run_pretokenize(args) -> int:
