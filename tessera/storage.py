@@ -99,11 +99,11 @@ def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
-    _relax(tmp)
     try:
         # safetensors refuses shared or non-contiguous storage: store plain contiguous copies.
         clean = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
         save_file(clean, tmp, metadata=metadata)
+        _relax(tmp)  # after writing: safetensors recreates the file with mkstemp's private mode
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
