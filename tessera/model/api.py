@@ -64,8 +64,11 @@ class Tessera:
         if not weights.is_file():
             raise LoadError(f"{run} has no model.safetensors (has training reached its first checkpoint?)")
         config = read_json(cfg_path)
-        if config.get("format") != "tessera-run":
+        if not isinstance(config, dict) or config.get("format") != "tessera-run":
             raise LoadError(f"{cfg_path}: not a tessera run config")
+        for key in ("model", "tokenizer_hash"):
+            if key not in config:
+                raise LoadError(f"{cfg_path} has no {key!r}; it was not written by tessera train")
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         device = torch.device(device)
@@ -82,6 +85,11 @@ class Tessera:
         with torch.device("meta"):
             model = Transformer(mcfg)
         state = load_tensors(weights, device=str(device))
+        expected = model.state_dict()
+        for k, v in state.items():
+            if k in expected and v.shape != expected[k].shape:
+                raise LoadError(f"{weights}: {k} has shape {tuple(v.shape)}, but config.json's model needs "
+                                f"{tuple(expected[k].shape)}; the weights belong to another model")
         missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
         missing = [k for k in missing if not (mcfg.tie_embeddings and k == "output.weight")]
         if missing or unexpected:

@@ -91,6 +91,27 @@ class TrainConfig:
     compile: bool = False
     activation_checkpointing: bool = False
 
+    def validate(self) -> "TrainConfig":
+        """Refuse values that would crash later or train nothing (e.g. grad_accum=0: no micro-steps)."""
+        for key in ("seq_len", "batch_size", "grad_accum", "log_every", "keep_checkpoints", "max_nan_skips",
+                    "eval_batches"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key} must be >= 1, got {getattr(self, key)}")
+        for key in ("steps", "warmup_steps", "eval_every", "ckpt_every"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"{key} must be >= 0 (0: off or planned), got {getattr(self, key)}")
+        if self.dtype not in ("auto", "bf16", "fp32"):
+            raise ConfigError(f"dtype must be auto, bf16 or fp32, got {self.dtype!r} (fp16 would need loss "
+                              f"scaling, which the trainer does not do)")
+        if self.schedule not in ("cosine", "wsd", "constant"):
+            raise ConfigError(f"schedule must be cosine, wsd or constant, got {self.schedule!r}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ConfigError(f"lr must be a finite number > 0, got {self.lr}")
+        for key in ("min_lr_ratio", "decay_fraction", "cond_dropout"):
+            if not 0 <= getattr(self, key) <= 1:
+                raise ConfigError(f"{key} must be in [0, 1], got {getattr(self, key)}")
+        return self
+
 
 # --------------------------------------------------------------------------------------------- loss
 def token_losses(logits: torch.Tensor, targets: torch.Tensor, modality: torch.Tensor, z_loss: float = 0.0) -> dict:
@@ -260,6 +281,7 @@ def prepare_run(args, env) -> tuple[ModelConfig, TrainConfig, dict, bool]:
         mcfg.vocab_size = layout.padded_vocab_size
         mcfg = from_dict(ModelConfig, to_dict(mcfg))  # re-validate after overrides
         tcfg = apply_overrides(TrainConfig(), train_over)
+    tcfg.validate()
     if args.fsdp:
         tcfg.fsdp = True
     if args.compile:

@@ -1,0 +1,73 @@
+"""Training overrides and run directories that cannot work are one-line errors, not tracebacks or empty runs."""
+
+import json
+
+import pytest
+
+import tessera
+from tessera.config import to_dict
+from tessera.model.api import LoadError
+from tessera.model.transformer import ModelConfig, Transformer, model_preset
+from tessera.storage import atomic_write_json, save_tensors
+from tessera.tokenizers import build_bundle
+from tessera.tokenizers.bundle import read_bundle_spec
+from tessera.train import pretrain
+from tessera.train.pretokenize import PretokenizeConfig, pretokenize
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory, text_dir):
+    d = tmp_path_factory.mktemp("runcfg")
+    with open(d / "docs.jsonl", "w") as f:
+        for i in range(20):
+            f.write(json.dumps({"segments": [{"text": f"the digit {i % 10}"}]}) + "\n")
+    build_bundle(d / "bundle", text_dir)
+    pretokenize(d / "bundle", [d / "docs.jsonl"], d / "shards", PretokenizeConfig(workers=1), progress=False)
+    return d
+
+
+@pytest.mark.parametrize("override, key", [
+    ("grad_accum=0", "grad_accum"),
+    ("batch_size=0", "batch_size"),
+    ("dtype=fp16", "dtype"),
+    ("log_every=0", "log_every"),
+    ("schedule=linear", "schedule"),
+])
+def test_bad_training_override_is_one_line_error(data, tmp_path, capsys, override, key):
+    out = tmp_path / "run"
+    rc = pretrain.main(["--preset", "tiny", "--tokenizer", str(data / "bundle"), "--data", str(data / "shards"),
+                        "--out", str(out), "--max-steps", "1", "--set", "seq_len=32", "--set", override,
+                        "--device", "cpu"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and err[0].startswith(f"error: {key} must be"), err
+    assert not (out / "model.safetensors").exists()
+
+
+def _fake_run(d, text_dir, weights_cfg: ModelConfig | None = None, drop: str | None = None):
+    """A run directory as training writes it, with weights from a random model (no training needed)."""
+    build_bundle(d / "tokenizer", text_dir)
+    spec = read_bundle_spec(d / "tokenizer")
+    mcfg = model_preset("tiny")
+    mcfg.vocab_size = tessera.tokenizers.VocabLayout.from_dict(spec["layout"]).padded_vocab_size
+    config = {"format": "tessera-run", "version": 1, "model": to_dict(mcfg), "tokenizer_hash": spec["hash"],
+              "layout": spec["layout"]}
+    if drop:
+        del config[drop]
+    atomic_write_json(d / "config.json", config)
+    wcfg = weights_cfg or mcfg
+    if not wcfg.vocab_size:
+        wcfg.vocab_size = mcfg.vocab_size
+    save_tensors(d / "model.safetensors", Transformer(wcfg).state_dict())
+    return d
+
+
+def test_load_refuses_weights_of_the_wrong_shape(tmp_path, text_dir):
+    run = _fake_run(tmp_path, text_dir, weights_cfg=ModelConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2))
+    with pytest.raises(LoadError, match=r"model.safetensors: .* has shape .*config.json"):
+        tessera.load(run, device="cpu")
+
+
+@pytest.mark.parametrize("key", ["tokenizer_hash", "model"])
+def test_load_refuses_a_config_without_a_required_key(tmp_path, text_dir, key):
+    with pytest.raises(LoadError, match=f"config.json has no {key!r}"):
+        tessera.load(_fake_run(tmp_path, text_dir, drop=key), device="cpu")
