@@ -28,12 +28,12 @@ def test_max_new_tokens_too_small_for_the_image_span_is_refused(m):
 
 
 @pytest.mark.parametrize("kwargs, name", [
-    (dict(temperature=-1.0), "temperature"),
-    (dict(temperature=float("nan")), "temperature"),
-    (dict(top_p=0.0), "top_p"),
-    (dict(top_p=-0.5), "top_p"),
-    (dict(top_p=1.5), "top_p"),
-    (dict(top_k=-1), "top_k"),
+    ({"temperature": -1.0}, "temperature"),
+    ({"temperature": float("nan")}, "temperature"),
+    ({"top_p": 0.0}, "top_p"),
+    ({"top_p": -0.5}, "top_p"),
+    ({"top_p": 1.5}, "top_p"),
+    ({"top_k": -1}, "top_k"),
 ])
 def test_sampling_arguments_out_of_range_are_refused(m, kwargs, name):
     with pytest.raises(ValueError, match=f"^{name} must be"):

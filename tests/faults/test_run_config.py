@@ -18,9 +18,8 @@ from tessera.train.pretokenize import PretokenizeConfig, pretokenize
 @pytest.fixture(scope="module")
 def data(tmp_path_factory, text_dir):
     d = tmp_path_factory.mktemp("runcfg")
-    with open(d / "docs.jsonl", "w") as f:
-        for i in range(20):
-            f.write(json.dumps({"segments": [{"text": f"the digit {i % 10}"}]}) + "\n")
+    (d / "docs.jsonl").write_text("".join(json.dumps({"segments": [{"text": f"the digit {i % 10}"}]}) + "\n"
+                                          for i in range(20)))
     build_bundle(d / "bundle", text_dir)
     pretokenize(d / "bundle", [d / "docs.jsonl"], d / "shards", PretokenizeConfig(workers=1), progress=False)
     return d
