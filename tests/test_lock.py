@@ -5,9 +5,9 @@ A dependency added to, removed from or re-pinned in one of the two files and not
 """
 
 import re
-import tomllib
 from pathlib import Path
 
+import tomllib
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
@@ -93,5 +93,5 @@ def test_check_catches_a_dependency_in_one_file_only():
     assert any("webdataset" in p for p in check(text, reqs + [Requirement("webdataset>=0.2")]))
     extra = "webdataset==0.2.100 \\\n    --hash=sha256:" + "0" * 64 + "\n    # via tessera (pyproject.toml)\n"
     assert any("webdataset" in p for p in check(text + extra, reqs))
-    moved = re.sub(r"^numpy==\S+", "numpy==1.0.0", text, flags=re.M)
+    moved = re.sub(r"^numpy==\S+", "numpy==1.0.0", text, flags=re.MULTILINE)
     assert any("numpy" in p for p in check(moved, reqs))

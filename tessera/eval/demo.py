@@ -45,15 +45,24 @@ class DemoError(TesseraError):
 @dataclass
 class DemoConfig:
     fast: bool = False
+    seed: int = 0  # the corpus's voices, speeds and pairings, the codecs' and the decoder's initialization
     text_vocab: int = 512
-    image_minutes: float = 2.0
-    audio_minutes: float = 3.0
+    # The corpus (tessera data digits): variety at no download cost, on the training split only.
+    image_augment: int = 2
+    speech_augment: int = 1
+    speech_image_pairs: int = 2
+    image_minutes: float = 1.5
+    # `--set` of the image codec (tiny preset): 64 codes, not the preset's 1,000 (see docs/generalization.md)
+    image_overrides: list[str] = field(default_factory=lambda: ["fsq_levels=[4,4,4]"])
+    audio_minutes: float = 3.5
+    # `--set` of the audio codec (tiny preset): one codebook of 256, not four of 1,024 (docs/generalization.md)
+    audio_overrides: list[str] = field(default_factory=lambda: ["num_quantizers=1", "codebook_size=256"])
     audio_levels: int = 1  # residual levels of the audio codec that enter the vocabulary (see plan())
-    pretrain_minutes: float = 6.5
+    pretrain_minutes: float = 6.0
     pretrain_preset: str = "demo"
     pretrain_overrides: list[str] = field(default_factory=lambda: [
-        "model.dim=128", "seq_len=256", "batch_size=8", "lr=3e-3", "warmup_steps=30", "cond_dropout=0.1", "eval_every=0",
-        "ckpt_every=100", "log_every=10"])
+        "model.dim=128", "seq_len=256", "batch_size=8", "lr=3e-3", "warmup_steps=30", "cond_dropout=0.1",
+        "eval_every=400", "eval_batches=20", "ckpt_every=400", "log_every=10"])
     pretrain_steps: int = 0  # 0: bounded by time only
     eval_max_items: int = 0
     draw_seeds: int = 10
@@ -104,17 +113,22 @@ def plan(out: Path, cfg: DemoConfig) -> list[Stage]:
     py = ["tessera"]
     c, t = out / "corpus", out / "tokenizers"
     steps = ["--max-steps", str(cfg.pretrain_steps)] if cfg.pretrain_steps else []
-    train = [*py, "data", "digits", "--out", str(c)] + (["--fast"] if cfg.fast else [])
+    train = [*py, "data", "digits", "--out", str(c), "--seed", str(cfg.seed), "--image-augment", str(cfg.image_augment),
+             "--speech-augment", str(cfg.speech_augment), "--speech-image-pairs", str(cfg.speech_image_pairs)] + (
+        ["--fast"] if cfg.fast else [])
+    sets = lambda overrides: [a for o in [f"seed={cfg.seed}", *overrides] for a in ("--set", o)]
     return [
         Stage("corpus", train, [c], []),
         Stage("text", [*py, "tokenizer", "train", "text", "--input", str(c / "text.txt"), "--vocab-size",
                        str(cfg.text_vocab), "--out", str(t / "text")], [t / "text"], ["corpus"]),
         Stage("image", [*py, "tokenizer", "train", "image", "--data", str(c / "images" / "train"), "--eval-data",
                         str(c / "images" / "test"), "--out", str(t / "image"), "--preset", "tiny",
-                        "--max-minutes", str(cfg.image_minutes)], [t / "image"], ["corpus"], resumable=True),
+                        "--max-minutes", str(cfg.image_minutes), *sets(cfg.image_overrides)], [t / "image"], ["corpus"],
+              resumable=True),
         Stage("audio", [*py, "tokenizer", "train", "audio", "--data", str(c / "speech" / "train"), "--eval-data",
                         str(c / "speech" / "test"), "--out", str(t / "audio"), "--preset", "tiny",
-                        "--max-minutes", str(cfg.audio_minutes)], [t / "audio"], ["corpus"], resumable=True),
+                        "--max-minutes", str(cfg.audio_minutes), *sets(cfg.audio_overrides)], [t / "audio"], ["corpus"],
+              resumable=True),
         Stage("bundle", [*py, "tokenizer", "build", "--text", str(t / "text"), "--image", str(t / "image"),
                          "--audio", str(t / "audio"), "--out", str(t / "bundle"), "--max-grid", "16",
                          "--audio-levels", str(cfg.audio_levels), "--force"],
@@ -128,7 +142,7 @@ def plan(out: Path, cfg: DemoConfig) -> list[Stage]:
         Stage("pretrain", ["tessera.train.pretrain", "--preset", cfg.pretrain_preset, "--tokenizer", str(t / "bundle"),
                            "--data", str(out / "shards" / "train"), "--eval-data", str(out / "shards" / "test"),
                            "--out", str(out / "run"), "--max-minutes", str(cfg.pretrain_minutes), *steps]
-              + [a for o in cfg.pretrain_overrides for a in ("--set", o)],
+              + sets(cfg.pretrain_overrides),
               [out / "run"], ["shards", "test_shards"], resumable=True),
         Stage("eval", [*py, "eval", "--model", str(out / "run"), "--tasks", "digits", "--data", str(c), "--json",
                        "--out", str(out / "eval"), "--draw-seeds", str(cfg.draw_seeds),
@@ -251,9 +265,17 @@ def print_summary(report: dict, out: Path) -> None:
 def add_demo_arguments(p) -> None:
     p.add_argument("--out", default="tessera-demo", help="demo directory (default: ./tessera-demo)")
     p.add_argument("--fast", action="store_true", help="a cut-down demo (a few minutes; for tests)")
+    p.add_argument("--seed", type=int, default=None, help="seed of the corpus, the codecs and the decoder (default 0)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a demo setting (see tessera.eval.demo.DemoConfig), e.g. pretrain_minutes=8")
     p.add_argument("--force", action="store_true", help="redo every stage")
 
 
 def run_demo(args) -> int:
-    run_pipeline(args.out, DemoConfig.fast_config() if args.fast else DemoConfig(), force=args.force)
+    from tessera.config import apply_overrides
+
+    cfg = apply_overrides(DemoConfig.fast_config() if args.fast else DemoConfig(), args.set)
+    if args.seed is not None:
+        cfg.seed = args.seed
+    run_pipeline(args.out, cfg, force=args.force)
     return 0

