@@ -29,8 +29,14 @@ def test_fast_demo_runs_end_to_end_and_reuses_finished_stages(tmp_path):
     assert list(report["stages"]) == STAGES and all(s["seconds"] >= 0 for s in report["stages"].values())
     assert report["total_seconds"] > 0
     assert report["image_codec"]["jpeg"] and report["audio_codec"]["opus"]
+    for codec in ("image_codec", "audio_codec"):  # the judges' ceilings and the codes' learnability
+        assert 0.0 <= report[codec]["judge"]["accuracy_reconstructed"] <= 1.0
+        learn = report[codec]["learnability"]
+        assert 0.0 < learn["prior_heldout_ce"] and learn["unigram_entropy"] <= learn["uniform"] + 1e-6
+    assert "memorization" in report["tasks"]["draw_acc"]
     md = (out / "report.md").read_text()
-    for needle in ("caption_acc", "JPEG", "Opus", "training_curves.png", "generated_digits.png", "Whole demo"):
+    for needle in ("caption_acc", "JPEG", "Opus", "training_curves.png", "generated_digits.png", "Whole demo",
+                   "Learnability", "Memorization"):
         assert needle in md, needle
     grid = Image.open(out / "generated_digits.png")
     assert grid.width > grid.height / 10 and grid.height >= 10 * 16  # one row per digit

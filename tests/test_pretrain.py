@@ -61,6 +61,30 @@ def test_training_writes_a_run(corpus, tmp_path):
     assert cfg["model"]["vocab_size"] % 128 == 0 and cfg["tokenizer_hash"]
 
 
+def test_keep_best_keeps_the_weights_of_the_lowest_held_out_loss(corpus, tmp_path, monkeypatch, capsys):
+    from tessera.storage import load_tensors
+
+    scripted = iter([3.0, 2.0, 2.5, 2.8, 2.9, 3.1, 3.3])  # held-out losses at steps 2, 4, ..., 12, then the end
+    real = pretrain.evaluate
+
+    def evaluate(*a, **k):
+        r = real(*a, **k)
+        return {**r, "eval_loss": next(scripted)}
+
+    monkeypatch.setattr(pretrain, "evaluate", evaluate)
+    run = tmp_path / "run"
+    assert pretrain.main(args(corpus, run, "--max-steps", "12", "--eval-data", str(corpus / "shards"),
+                              "--set", "eval_every=2", "--set", "keep_best=true", "--set", "ckpt_every=4",
+                              "--set", "keep_checkpoints=5")) == 0
+    assert json.loads((run / "best.json").read_text())["step"] == 4
+    kept = load_tensors(run / "model.safetensors")
+    assert all((kept[k] == v).all() for k, v in load_tensors(run / "checkpoints/step_000004/model.safetensors").items())
+    latest = load_tensors(run / "checkpoints/step_000012/model.safetensors")  # --resume continues from here
+    assert any((kept[k] != latest[k]).any() for k in kept)
+    assert "holds step 4" in capsys.readouterr().out
+    assert pretrain.main(args(corpus, tmp_path / "x", "--max-steps", "2", "--set", "keep_best=true")) == 2
+
+
 def test_exact_resume(corpus, tmp_path):
     straight = tmp_path / "straight"
     pretrain.main(args(corpus, straight, "--max-steps", "8"))

@@ -48,8 +48,8 @@ class DemoConfig:
     seed: int = 0  # the corpus's voices, speeds and pairings, the codecs' and the decoder's initialization
     text_vocab: int = 512
     # The corpus (tessera data digits): variety at no download cost, on the training split only.
-    image_augment: int = 2
-    speech_augment: int = 1
+    image_augment: int = 8
+    speech_augment: int = 5
     speech_image_pairs: int = 2
     image_minutes: float = 1.5
     # `--set` of the image codec (tiny preset): 64 codes, not the preset's 1,000 (see docs/generalization.md)
@@ -58,11 +58,11 @@ class DemoConfig:
     # `--set` of the audio codec (tiny preset): one codebook of 256, not four of 1,024 (docs/generalization.md)
     audio_overrides: list[str] = field(default_factory=lambda: ["num_quantizers=1", "codebook_size=256"])
     audio_levels: int = 1  # residual levels of the audio codec that enter the vocabulary (see plan())
-    pretrain_minutes: float = 6.0
+    pretrain_minutes: float = 5.5
     pretrain_preset: str = "demo"
     pretrain_overrides: list[str] = field(default_factory=lambda: [
-        "model.dim=128", "seq_len=256", "batch_size=8", "lr=3e-3", "warmup_steps=30", "cond_dropout=0.1",
-        "eval_every=400", "eval_batches=20", "ckpt_every=400", "log_every=10"])
+        "model.dim=128", "model.dropout=0.1", "seq_len=256", "batch_size=8", "lr=3e-3", "warmup_steps=30",
+        "cond_dropout=0.1", "eval_every=400", "eval_batches=20", "ckpt_every=400", "log_every=10"])
     pretrain_steps: int = 0  # 0: bounded by time only
     eval_max_items: int = 0
     draw_seeds: int = 10

@@ -43,6 +43,9 @@ class ModelConfig:
     max_seq_len: int = 2048
     attn_backend: str = "sdpa"  # sdpa | flex | flash
     init_std: float = 0.02
+    # Residual dropout (GPT-2's resid_pdrop) on the embeddings and on each attention and MLP output, in
+    # training only: a regularizer for small corpora, where the decoder otherwise memorizes; 0 at scale.
+    dropout: float = 0.0
 
     def __post_init__(self):
         # Derived sizes are properties, never written back: a preset overridden with another `dim` or
@@ -51,6 +54,8 @@ class ModelConfig:
             raise ValueError(f"dim {self.dim} is not divisible by n_heads {self.n_heads}")
         if self.n_kv_heads < 0 or self.ffn_dim < 0:
             raise ValueError("n_kv_heads and ffn_dim must be >= 0 (0: derived)")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.n_heads % self.kv_heads:
             raise ValueError(f"n_heads {self.n_heads} is not a multiple of n_kv_heads {self.kv_heads}")
         if (self.dim // self.n_heads) % 2:
@@ -168,10 +173,11 @@ class Block(nn.Module):
         self.attention = Attention(cfg)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.feed_forward = FeedForward(cfg)
+        self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout else nn.Identity()
 
     def forward(self, x, cos, sin, doc_ids=None, cache=None, layer: int = 0):
-        x = x + self.attention(self.attention_norm(x), cos, sin, doc_ids, cache, layer)
-        return x + self.feed_forward(self.ffn_norm(x))
+        x = x + self.dropout(self.attention(self.attention_norm(x), cos, sin, doc_ids, cache, layer))
+        return x + self.dropout(self.feed_forward(self.ffn_norm(x)))
 
 
 class Transformer(nn.Module):
@@ -181,6 +187,7 @@ class Transformer(nn.Module):
             raise ValueError("ModelConfig.vocab_size must be set (the bundle's padded vocabulary size)")
         self.cfg = cfg
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout else nn.Identity()
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
@@ -222,7 +229,7 @@ class Transformer(nn.Module):
             if cache is not None:
                 raise ValueError("decoding with a KV cache needs explicit positions")
             positions = torch.arange(T, device=idx.device)[None].expand(B, T)
-        h = self.tok_embeddings(idx)
+        h = self.dropout(self.tok_embeddings(idx))
         if cache is not None and cache.rope is not None:  # looked up in the cache's table, not recomputed
             cos, sin = cache.rope[0][positions][:, :, None], cache.rope[1][positions][:, :, None]
         else:

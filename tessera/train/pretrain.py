@@ -82,6 +82,9 @@ class TrainConfig:
     mix: str = ""  # "source=weight,..."; empty: sources in proportion to their documents
     log_every: int = 10
     eval_every: int = 0  # 0: only at the end
+    # model.safetensors holds the weights of the evaluation with the lowest held-out loss (needs --eval-data;
+    # best.json says which step); the checkpoints keep the latest state, so --resume continues from there.
+    keep_best: bool = False
     eval_batches: int = 50
     ckpt_every: int = 200
     keep_checkpoints: int = 2
@@ -305,6 +308,10 @@ def prepare_run(args, env) -> tuple[ModelConfig, TrainConfig, dict, bool]:
         raise RunError(f"the model has {mcfg.vocab_size} embedding rows but the bundle's vocabulary needs "
                        f"{layout.padded_vocab_size}")
     parse_mix(tcfg.mix)  # fail early on a bad --mix
+    if tcfg.keep_best and not args.eval_data:
+        raise ConfigError("keep_best keeps the weights with the lowest held-out loss: it needs --eval-data")
+    if not resuming and env.is_main:
+        (out / "best.json").unlink(missing_ok=True)  # from an earlier run that left no checkpoint
     return mcfg, tcfg, spec, resuming
 
 
@@ -428,7 +435,20 @@ def _train(args, env) -> dict:
                 "optimizer": opt_meta, "rng": rng_meta, "loader": loader.state_dict(), "nan_skips": nan_skips,
                 "tokens_seen": tokens_seen, "train": to_dict(tcfg), "schedule": budget.state_dict(),
             })
+            if not tcfg.keep_best:
+                save_tensors(out / "model.safetensors", model_sd, metadata={"format": "pt"})
+        barrier()
+
+    def note_eval(result: dict) -> None:
+        """Log an evaluation; with keep_best, write model.safetensors when it is the best so far."""
+        metrics.log(step, **result)
+        if not tcfg.keep_best or not result.get("eval_loss", math.inf) < best["eval_loss"]:
+            return
+        best.update(step=step, eval_loss=result["eval_loss"])
+        model_sd = full_model_state(model)
+        if env.is_main:
             save_tensors(out / "model.safetensors", model_sd, metadata={"format": "pt"})
+            atomic_write_json(out / "best.json", {"step": step, **result})
         barrier()
 
     window = {"ce": 0.0, "count": 0, "z": 0.0, "ce_mod": torch.zeros(len(MODALITIES), dtype=torch.float64),
@@ -436,6 +456,10 @@ def _train(args, env) -> dict:
               "steps": 0}
     consecutive_nan = 0
     last_eval: dict = {}
+    best = {"step": None, "eval_loss": math.inf}
+    if resuming and (out / "best.json").exists():
+        b = read_json(out / "best.json")
+        best.update(step=b["step"], eval_loss=b["eval_loss"])
     stop_error = None
     model.train()
     while not budget.should_stop(step):
@@ -521,7 +545,7 @@ def _train(args, env) -> dict:
         if args.eval_data and tcfg.eval_every and step % tcfg.eval_every == 0:
             last_eval = evaluate(model, args.eval_data, layout, tcfg.seq_len, tcfg.batch_size, tcfg.eval_batches, env,
                                  autocast_dtype)
-            metrics.log(step, **last_eval)
+            note_eval(last_eval)
             progress.write(f"[tessera] step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in last_eval.items()))
             window["t0"] = time.perf_counter()
         if tcfg.ckpt_every and step % tcfg.ckpt_every == 0:
@@ -536,9 +560,13 @@ def _train(args, env) -> dict:
     if args.eval_data:
         last_eval = evaluate(model, args.eval_data, layout, tcfg.seq_len, tcfg.batch_size, tcfg.eval_batches, env,
                              autocast_dtype)
-        metrics.log(step, **last_eval)
+        note_eval(last_eval)
     metrics.close()
+    if tcfg.keep_best and env.is_main and best["step"] is not None:
+        print(f"[tessera] model.safetensors holds step {best['step']}, the lowest held-out loss "
+              f"({best['eval_loss']:.4g}); the checkpoints hold step {step}")
     summary = {"step": step, "stopped_by": budget.reason, "planned_steps": budget.planned_steps,
+               **({"best_step": best["step"]} if tcfg.keep_best else {}),
                "seconds": round(budget.elapsed, 1), "tokens_seen": tokens_seen, "nan_skips": nan_skips, **last_eval}
     if env.is_main:
         print(f"[tessera] stopped at step {step} after {budget.elapsed:.0f}s: {budget.stop_message()}"
