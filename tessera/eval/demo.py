@@ -49,7 +49,7 @@ class DemoConfig:
     text_vocab: int = 512
     # The corpus (tessera data digits): variety at no download cost, on the training split only.
     image_augment: int = 8
-    speech_augment: int = 5
+    speech_augment: int = 1
     speech_image_pairs: int = 2
     image_minutes: float = 1.5
     # `--set` of the image codec (tiny preset): 64 codes, not the preset's 1,000 (see docs/generalization.md)
@@ -62,15 +62,15 @@ class DemoConfig:
     pretrain_preset: str = "demo"
     pretrain_overrides: list[str] = field(default_factory=lambda: [
         "model.dim=128", "model.dropout=0.1", "seq_len=256", "batch_size=8", "lr=3e-3", "warmup_steps=30",
-        "cond_dropout=0.1", "eval_every=400", "eval_batches=20", "ckpt_every=400", "log_every=10"])
+        "cond_dropout=0.1", "keep_best=true", "eval_every=400", "eval_batches=20", "ckpt_every=400", "log_every=10"])
     pretrain_steps: int = 0  # 0: bounded by time only
     eval_max_items: int = 0
     draw_seeds: int = 10
     # Sampling per output modality, for the eval and the report's samples (see docs/generalization.md).
-    image_temperature: float = 1.0
+    image_temperature: float = 0.5
     image_top_k: int = 0
     image_cfg_scale: float = 3.0
-    audio_temperature: float = 1.0
+    audio_temperature: float = 0.3
     audio_top_k: int = 0
     audio_cfg_scale: float = 3.0
 

@@ -39,7 +39,7 @@ from tessera.train.monitor import progress_bar
 
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 SPEECH_RATE = 16000
-CORPUS_VERSION = 1
+CORPUS_VERSION = 2
 BUILD_MARKER = ".building"  # present while a build runs: the directory is a corpus in the making
 
 CAPTIONS = ("a drawing of the digit {w}", "the digit {w}", "{w}", "{d}", "what digit is this? {w}",
@@ -61,7 +61,9 @@ class DigitsConfig:
     test_every: int = 6  # every 6th image is held out (~300 of 1797)
     train_voices: list[str] = field(default_factory=lambda: [
         "en-us", "en-gb", "en-gb-x-rp", "en-029", "en-gb-scotland", "en-gb-x-gbcwmd"])
-    train_variants: list[str] = field(default_factory=lambda: ["", "m1", "m3", "f1", "f2", "f5"])
+    # Speaker variety is what lets a model understand voices it never heard: twelve training variants.
+    train_variants: list[str] = field(default_factory=lambda: ["", "m1", "m3", "m4", "m5", "m6", "m7", "f1", "f2",
+                                                               "f4", "f5", "klatt"])
     test_voices: list[str] = field(default_factory=lambda: ["en-us-nyc", "en-gb-x-gbclan"])
     test_variants: list[str] = field(default_factory=lambda: ["m2", "f3"])
     takes_per_voice: int = 3  # clips per (voice, variant, digit), each at its own speed and pitch
@@ -178,30 +180,39 @@ def _fmt(template: str, d: int) -> str:
 
 
 def _documents(images: list[tuple[str, int]], clips: list[tuple[str, int]], rng: random.Random,
-               plain_docs: int, speech_image_pairs: int = 1) -> list[dict]:
-    by_digit_img: dict[int, list[str]] = {d: [] for d in range(10)}
-    by_digit_clip: dict[int, list[str]] = {d: [] for d in range(10)}
+               plain_docs: int, speech_image_pairs: int = 1, source_of: dict[str, str] | None = None,
+               augmented: set[str] | None = None) -> list[dict]:
+    """The training documents. Augmented images and clips are inputs only (captioning, transcribing, the
+    speech of speech->image, the image of image->speech): a model learns what it is asked to generate, so an
+    output is always a real image or clip. A warped variant's drawing document draws its real source image
+    (`source_of`); generated digits then look like real ones, not like the warps."""
+    source_of, augmented = source_of or {}, augmented or set()
+    real_img: dict[int, list[str]] = {d: [] for d in range(10)}
+    real_clip: dict[int, list[str]] = {d: [] for d in range(10)}
     for p, d in images:
-        by_digit_img[d].append(p)
+        if p not in augmented:
+            real_img[d].append(p)
     for p, d in clips:
-        by_digit_clip[d].append(p)
+        if p not in augmented:
+            real_clip[d].append(p)
     docs = []
     for p, d in images:
         docs.append({"segments": [{"image": p}, {"text": _fmt(rng.choice(CAPTIONS), d)}], "source": "caption",
                      "label": d})
-        docs.append({"segments": [{"text": _fmt(rng.choice(DRAW_PROMPTS), d)}, {"image": p}], "source": "draw",
-                     "label": d})
+        docs.append({"segments": [{"text": _fmt(rng.choice(DRAW_PROMPTS), d)}, {"image": source_of.get(p, p)}],
+                     "source": "draw", "label": d})
     for p, d in clips:
         docs.append({"segments": [{"audio": p}, {"text": _fmt(rng.choice(TRANSCRIPTS), d)}],
                      "source": "transcribe", "label": d})
-        docs.append({"segments": [{"text": _fmt(rng.choice(SPEAK_PROMPTS), d)}, {"audio": p}], "source": "speak",
+        spoken = p if p not in augmented or not real_clip[d] else rng.choice(real_clip[d])
+        docs.append({"segments": [{"text": _fmt(rng.choice(SPEAK_PROMPTS), d)}, {"audio": spoken}], "source": "speak",
                      "label": d})
-        for _ in range(speech_image_pairs if by_digit_img[d] else 0):
-            docs.append({"segments": [{"audio": p}, {"image": rng.choice(by_digit_img[d])}],
+        for _ in range(speech_image_pairs if real_img[d] else 0):
+            docs.append({"segments": [{"audio": p}, {"image": rng.choice(real_img[d])}],
                          "source": "speech_to_image", "label": d})
     for p, d in images[::2]:
-        if by_digit_clip[d]:
-            docs.append({"segments": [{"image": p}, {"audio": rng.choice(by_digit_clip[d])}],
+        if real_clip[d]:
+            docs.append({"segments": [{"image": p}, {"audio": rng.choice(real_clip[d])}],
                          "source": "image_to_speech", "label": d})
     for _ in range(plain_docs):
         d = rng.randrange(10)
@@ -252,6 +263,7 @@ def build_digits_corpus(out: str | Path, config: DigitsConfig | None = None, for
     n = len(digits.images) if not cfg.max_images else min(cfg.max_images, len(digits.images))
     split_images: dict[str, list[tuple[str, int]]] = {"train": [], "test": []}
     augmented: set[str] = set()  # made by augmentation; judges train on the real files only
+    source_of: dict[str, str] = {}  # a warped image -> the real image it was made from
     for i in range(n):
         split = "test" if i % cfg.test_every == cfg.test_every - 1 else "train"
         rel = f"images/{split}/{i:04d}.png"
@@ -263,6 +275,7 @@ def build_digits_corpus(out: str | Path, config: DigitsConfig | None = None, for
             augment_image(im, rng).save(out / rel_k)
             split_images[split].append((rel_k, int(digits.target[i])))
             augmented.add(rel_k)
+            source_of[rel_k] = rel
 
     # ---- speech
     jobs = []
@@ -293,7 +306,7 @@ def build_digits_corpus(out: str | Path, config: DigitsConfig | None = None, for
 
     # ---- documents and text
     train_docs = _documents(split_images["train"], split_clips["train"], rng, cfg.plain_text_docs,
-                            cfg.speech_image_pairs)
+                            cfg.speech_image_pairs, source_of, augmented)
     test_docs = _documents(split_images["test"], split_clips["test"], rng, cfg.plain_text_docs // 5)
     for name, docs in (("documents.jsonl", train_docs), ("test_documents.jsonl", test_docs)):
         atomic_write_text(out / name, "".join(json.dumps(d) + "\n" for d in docs))

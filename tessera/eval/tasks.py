@@ -82,10 +82,10 @@ class DigitsEvalConfig:
     docs/generalization.md for the measurements behind the defaults)."""
 
     draw_seeds: int = 10  # generations per digit for draw_acc and speak_acc
-    image_temperature: float = 1.0
+    image_temperature: float = 0.5
     image_top_k: int = 0
     image_cfg_scale: float = 3.0
-    audio_temperature: float = 1.0
+    audio_temperature: float = 0.3
     audio_top_k: int = 0
     audio_cfg_scale: float = 3.0
     max_items: int = 0  # cap on caption/transcribe/speech_to_image items (0: the whole test split)
