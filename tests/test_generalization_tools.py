@@ -58,3 +58,31 @@ def test_judges_train_on_real_files_only(tmp_path):
     (tmp_path / "meta.json").write_text(json.dumps(meta))
     assert [p.name for p, _ in corpus_split(tmp_path, "images", "train")] == ["a.png"]
     assert len(corpus_split(tmp_path, "images", "train", augmented=True)) == 2
+
+
+def test_augmented_media_are_inputs_only():
+    """Drawing, speaking and the image of speech->image use real media; warped ones only feed understanding."""
+    from tessera.eval.digits import _documents
+
+    images = [("r0.png", 3), ("r0_a0.png", 3), ("r1.png", 4), ("r1_a0.png", 4)]
+    clips = [("c0.wav", 3), ("c0_aug.wav", 3), ("c1.wav", 4)]
+    augmented = {"r0_a0.png", "r1_a0.png", "c0_aug.wav"}
+    source_of = {"r0_a0.png": "r0.png", "r1_a0.png": "r1.png"}
+    docs = _documents(images, clips, random.Random(0), 5, 2, source_of, augmented)
+    outputs = {d["source"]: set() for d in docs}
+    inputs = {d["source"]: set() for d in docs}
+    for d in docs:
+        media = [s.get("image") or s.get("audio") for s in d["segments"] if "text" not in s]
+        if d["source"] in ("draw", "speak"):
+            outputs[d["source"]] |= set(media)
+        elif d["source"] in ("speech_to_image", "image_to_speech"):
+            inputs[d["source"]].add(media[0])
+            outputs[d["source"]].add(media[1])
+        else:
+            inputs[d["source"]] |= set(media)
+    assert all(not (o & augmented) for o in outputs.values())  # no augmented output anywhere
+    assert outputs["draw"] == {"r0.png", "r1.png"} and len([d for d in docs if d["source"] == "draw"]) == 4
+    assert {"r0_a0.png", "r1_a0.png"} <= inputs["caption"] and "c0_aug.wav" in inputs["transcribe"]
+    assert "c0_aug.wav" in inputs["speech_to_image"]
+    for d in docs:  # the label of every document is its digit
+        assert d["label"] in (3, 4)

@@ -50,7 +50,7 @@ class DemoConfig:
     # The corpus (tessera data digits): variety at no download cost, on the training split only.
     image_augment: int = 8
     speech_augment: int = 1
-    speech_image_pairs: int = 2
+    speech_image_pairs: int = 4
     image_minutes: float = 1.5
     # `--set` of the image codec (tiny preset): 64 codes, not the preset's 1,000 (see docs/generalization.md)
     image_overrides: list[str] = field(default_factory=lambda: ["fsq_levels=[4,4,4]"])

@@ -193,7 +193,7 @@ class Tessera:
         gen = decode(self.model, ids, self.fsm, fsm_cfg, start_state=start, max_new_tokens=budget,
                      sampling=sampling, pad_id=self.tokenizer.pad_id, seed=seed,
                      start_remaining=remaining, cfg_scale=cfg_scale, uncond_prompts=uncond, step_fn=self._step_fn,
-                     static_cache=self._step_fn is not None)
+                     static_cache=self._step_fn is not None, min_new_tokens=1 if output == "text" else 0)
         return suffix, gen
 
     def generate_ids(self, prompt, *, output="text", max_new_tokens=None, temperature=1.0, top_k=0, top_p=1.0,
@@ -228,6 +228,8 @@ class Tessera:
 
         output: "text", "image" (exactly one image of `image_size` pixels, default the codec's), "audio" (one
         clip of at most `max_audio_seconds`, default 10), or "any" (the model chooses when to open spans).
+        output="text" answers with at least one token: its first step cannot end the document (an empty answer
+        is never what a request for text wants; transformers' `min_new_tokens=1` does the same).
         temperature 0 is greedy; top_k / top_p filter the distribution; cfg_scale > 1 applies classifier-free
         guidance inside image/audio spans. The same seed gives the same output; for a batch, a list of seeds
         (one per prompt) makes every prompt sample exactly as it would alone.

@@ -91,8 +91,11 @@ def decode(
     uncond_prompts: list[list[int]] | None = None,
     step_fn=None,
     static_cache: bool = False,
+    min_new_tokens: int = 0,
 ) -> Iterator[torch.Tensor]:
     """Yield the next token of every row (B,), step by step, until every row is done or the budget is spent.
+
+    The first `min_new_tokens` steps cannot end the document (EOS is masked), as in HF's `min_new_tokens`.
 
     Rows that have finished yield `pad_id`. `step_fn(ids, positions, cache)` may replace the model call of a
     decode step (e.g. a compiled or CUDA-graph-captured version; it then needs `static_cache=True`).
@@ -122,6 +125,8 @@ def decode(
             unc = logits[B:]
             cond = torch.where(fsm.in_span(st)[:, None], unc + cfg_scale * (cond - unc), cond)
         cond = cond.masked_fill(~fsm.allowed(st, fsm_cfg, *spans), float("-inf"))
+        if step < min_new_tokens:
+            cond[:, fsm.eos] = float("-inf")
         tok = sample(cond, sampling, generator)
         tok = torch.where(st["state"] == DONE, pad_id, tok)
         yield tok
