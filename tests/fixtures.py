@@ -62,3 +62,32 @@ class FrameLevelAudioCodec:
         n_q = codes.shape[1] if n_q is None else n_q
         v = sum(codes[:, q].float() * self._step(q) for q in range(n_q)) - 1.0
         return v.repeat_interleave(self.info.downsample, 1)
+
+
+def step_clock(monkeypatch, module, per_step: str, seconds_per_step: float = 0.1):
+    """Make `module`'s run budget see a fake clock that advances `seconds_per_step` each time `module.per_step`
+    (a function the trainer calls once a step) runs, and collect the progress bars it makes.
+
+    Returns (steps, bars): the step counter ({"n": ...}) and the list of `Progress` objects."""
+    import time
+    import types
+
+    from tessera.train import monitor
+
+    steps, bars = {"n": 0}, []
+    real = getattr(module, per_step)
+
+    def counted(*a, **k):
+        steps["n"] += 1
+        return real(*a, **k)
+
+    class Bar(monitor.Progress):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            bars.append(self)
+
+    monkeypatch.setattr(module, per_step, counted)
+    monkeypatch.setattr(module, "Progress", Bar)
+    monkeypatch.setattr(monitor, "time", types.SimpleNamespace(
+        monotonic=lambda: seconds_per_step * steps["n"], time=time.time, strftime=time.strftime, gmtime=time.gmtime))
+    return steps, bars

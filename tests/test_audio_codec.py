@@ -385,28 +385,11 @@ def test_training_refuses_missing_budget_and_unknown_keys(tmp_path, speech_dir, 
 def test_a_time_budget_alone_sizes_the_lr_schedule_and_the_bar(tmp_path, speech_dir, monkeypatch):
     """--max-minutes only: warmup, cooldown and the progress bar follow the steps that fit (a fake clock
     makes every step take 100 ms: 0.9 s fit 9 steps)."""
-    import time
-    import types
+    from fixtures import step_clock
 
-    from tessera.train import monitor
     from tessera.unimodal import audio_train
 
-    steps, bars = {"n": 0}, []
-    real = audio_train._lr_at
-
-    def counted(*a, **k):  # called once a step
-        steps["n"] += 1
-        return real(*a, **k)
-
-    class Bar(monitor.Progress):
-        def __init__(self, *a, **k):
-            super().__init__(*a, **k)
-            bars.append(self)
-
-    monkeypatch.setattr(audio_train, "_lr_at", counted)
-    monkeypatch.setattr(audio_train, "Progress", Bar)
-    monkeypatch.setattr(monitor, "time", types.SimpleNamespace(
-        monotonic=lambda: 0.1 * steps["n"], time=time.time, strftime=time.strftime, gmtime=time.gmtime))
+    steps, bars = step_clock(monkeypatch, audio_train, "_lr_at")
     out = tmp_path / "timed"
     assert run_cli("tokenizer", "train", "audio", "--data", str(speech_dir), "--out", str(out), "--preset", "tiny",
                    "--no-progress", "--max-minutes", "0.015", *FAST, "--set", "eval_every=100",

@@ -379,28 +379,11 @@ def test_tiny_preset_on_digits_reaches_25_db_in_five_minutes(tmp_path):
 def test_a_time_budget_alone_sizes_the_lr_schedule_and_the_bar(image_data, tmp_path, monkeypatch):
     """--max-minutes only: warmup, cooldown and the progress bar follow the steps that fit (a fake clock
     makes every step take 100 ms: 1.2 s fit 12 steps), and the summary records the plan."""
-    import time
-    import types
+    from fixtures import step_clock
 
-    from tessera.train import monitor
     from tessera.unimodal import image_train
 
-    steps, bars = {"n": 0}, []
-    real = image_train.wsd_factor
-
-    def counted(*a, **k):  # called once a step
-        steps["n"] += 1
-        return real(*a, **k)
-
-    class Bar(monitor.Progress):
-        def __init__(self, *a, **k):
-            super().__init__(*a, **k)
-            bars.append(self)
-
-    monkeypatch.setattr(image_train, "wsd_factor", counted)
-    monkeypatch.setattr(image_train, "Progress", Bar)
-    monkeypatch.setattr(monitor, "time", types.SimpleNamespace(
-        monotonic=lambda: 0.1 * steps["n"], time=time.time, strftime=time.strftime, gmtime=time.gmtime))
+    steps, bars = step_clock(monkeypatch, image_train, "wsd_factor")
     run = tmp_path / "timed"
     assert cli(["tokenizer", "train", "image", "--data", str(image_data), "--out", str(run), "--max-minutes", "0.02",
                 "--no-progress", *[a for s in MICRO_SET for a in ("--set", s)], "--set", "warmup_steps=50",
