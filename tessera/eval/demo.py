@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from tessera.errors import TesseraError
+from tessera.eval.tasks import ModalitySampling
 from tessera.storage import atomic_write_json, read_json
 
 TARGETS = {"caption_acc": 0.90, "draw_acc": 0.90, "transcribe_acc": 0.90, "speak_acc": 0.80,
@@ -43,7 +44,7 @@ class DemoError(TesseraError):
 
 
 @dataclass
-class DemoConfig:
+class DemoConfig(ModalitySampling):  # sampling for the eval and the report's samples
     fast: bool = False
     seed: int = 0  # the corpus's voices, speeds and pairings, the codecs' and the decoder's initialization
     text_vocab: int = 512
@@ -66,16 +67,6 @@ class DemoConfig:
     pretrain_steps: int = 0  # 0: bounded by time only
     eval_max_items: int = 0
     draw_seeds: int = 10
-    # Sampling per output modality, for the eval and the report's samples (see docs/generalization.md).
-    image_temperature: float = 0.5
-    image_top_k: int = 0
-    image_cfg_scale: float = 3.0
-    audio_temperature: float = 0.3
-    audio_top_k: int = 0
-    audio_cfg_scale: float = 3.0
-
-    def sampling(self, output: str) -> dict:
-        return {k: getattr(self, f"{output}_{k}") for k in ("temperature", "top_k", "cfg_scale")}
 
     @classmethod
     def fast_config(cls) -> "DemoConfig":

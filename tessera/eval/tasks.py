@@ -77,23 +77,26 @@ def save_tasks(items: list[TaskItem], path: str | Path) -> None:
 
 
 @dataclass
-class DigitsEvalConfig:
-    """Sampling is set per output modality: image codes and audio frames want different settings (see
+class ModalitySampling:
+    """Sampling per output modality: image codes and audio frames want different settings (see
     docs/generalization.md for the measurements behind the defaults)."""
 
-    draw_seeds: int = 10  # generations per digit for draw_acc and speak_acc
     image_temperature: float = 0.5
     image_top_k: int = 0
     image_cfg_scale: float = 3.0
     audio_temperature: float = 0.3
     audio_top_k: int = 0
     audio_cfg_scale: float = 3.0
-    max_items: int = 0  # cap on caption/transcribe/speech_to_image items (0: the whole test split)
 
     def sampling(self, output: str) -> dict:
         """The generation arguments for an `output` of "image" or "audio"."""
-        return {"temperature": getattr(self, f"{output}_temperature"), "top_k": getattr(self, f"{output}_top_k"),
-                "cfg_scale": getattr(self, f"{output}_cfg_scale")}
+        return {k: getattr(self, f"{output}_{k}") for k in ("temperature", "top_k", "cfg_scale")}
+
+
+@dataclass
+class DigitsEvalConfig(ModalitySampling):
+    draw_seeds: int = 10  # generations per digit for draw_acc and speak_acc
+    max_items: int = 0  # cap on caption/transcribe/speech_to_image items (0: the whole test split)
 
 
 def digits_tasks(corpus: str | Path, cfg: DigitsEvalConfig | None = None) -> list[TaskItem]:
