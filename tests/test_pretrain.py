@@ -132,19 +132,26 @@ def test_a_time_budget_alone_sizes_the_schedule_and_ends_the_run(corpus, tmp_pat
     assert [r["step"] for r in read_metrics(run) if "loss" in r][-1] == last["step"]
 
 
+# The equivalence tests pin fp32: they check the arithmetic of splitting a batch, which bf16's rounding (the
+# default on CPUs with native bf16) would blur beyond their tolerance.
+FP32 = ("--set", "dtype=fp32")
+
+
 def test_gradient_accumulation_matches_a_larger_batch(corpus, tmp_path):
-    pretrain.main(args(corpus, tmp_path / "big", "--max-steps", "4", "--set", "batch_size=4"))
-    pretrain.main(args(corpus, tmp_path / "acc", "--max-steps", "4", "--set", "batch_size=2", "--set", "grad_accum=2"))
+    pretrain.main(args(corpus, tmp_path / "big", "--max-steps", "4", "--set", "batch_size=4", *FP32))
+    pretrain.main(args(corpus, tmp_path / "acc", "--max-steps", "4", "--set", "batch_size=2", "--set", "grad_accum=2",
+                       *FP32))
     for (s1, a), (s2, b) in zip(losses(tmp_path / "big"), losses(tmp_path / "acc")):
         assert s1 == s2 and a == pytest.approx(b, rel=1e-5)
 
 
 def test_two_processes_under_torchrun_match_one(corpus, tmp_path):
     """DDP over gloo through the real torchrun entry point, same global batch as one process."""
-    pretrain.main(args(corpus, tmp_path / "one", "--max-steps", "4", "--set", "batch_size=4"))
+    pretrain.main(args(corpus, tmp_path / "one", "--max-steps", "4", "--set", "batch_size=4", *FP32))
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
-           "-m", "tessera.train.pretrain", *args(corpus, tmp_path / "two", "--max-steps", "4", "--set", "batch_size=2")]
+           "-m", "tessera.train.pretrain", *args(corpus, tmp_path / "two", "--max-steps", "4", "--set", "batch_size=2",
+                                                 *FP32)]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
