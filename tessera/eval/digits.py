@@ -21,6 +21,7 @@ text->speech (speaking), speech->image, image->speech, and plain text.
 from __future__ import annotations
 
 import json
+import math
 import random
 import shutil
 import subprocess
@@ -105,8 +106,6 @@ def digit_image(pixels8: np.ndarray, size: int) -> Image.Image:
 def augment_image(im: Image.Image, rng: random.Random) -> Image.Image:
     """A variant of a grayscale image with dark ink on white: rotation up to 12 degrees, scale 0.9-1.1, shear
     up to 0.15, a shift of up to 1/16 of the side, then thicker, thinner or unchanged strokes."""
-    import math
-
     w, h = im.size
     a = math.radians(rng.uniform(-12, 12))
     s = rng.uniform(0.9, 1.1)

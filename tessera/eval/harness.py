@@ -50,6 +50,7 @@ class Judges:
     def __init__(self, corpus: Path | None):
         self.corpus = corpus
         self._cache: dict = {}
+        self._memorization_refs: tuple | None = None  # training and held-out images, loaded on first use
 
     def get(self, name: str):
         if name not in self._cache:
@@ -86,12 +87,11 @@ class Judges:
         from tessera.eval.judges import corpus_images, corpus_split
         from tessera.eval.memorization import memorization_report
 
-        if "_memorization_refs" not in self._cache:
+        if self._memorization_refs is None:
             train = corpus_split(self.corpus, "images", "train", augmented=True)  # every image training saw
-            self._cache["_memorization_refs"] = (
-                [load_image(p) for p, _ in train], [y for _, y in train],
-                [load_image(p) for p, _ in corpus_images(self.corpus, "test")])
-        tr, tr_labels, test = self._cache["_memorization_refs"]
+            self._memorization_refs = ([load_image(p) for p, _ in train], [y for _, y in train],
+                                       [load_image(p) for p, _ in corpus_images(self.corpus, "test")])
+        tr, tr_labels, test = self._memorization_refs
         return memorization_report(images, labels, tr, tr_labels, test)
 
     def verdicts(self, name: str, outputs: list[list], labels: list) -> list[bool]:

@@ -116,6 +116,15 @@ def wsd_factor(step: int, frac: float, warmup_steps: int, cooldown: float) -> fl
     return warm * max(0.0, (1.0 - frac) / cooldown)
 
 
+def add_budget_arguments(p) -> None:
+    """`--max-steps` and `--max-minutes`, the bounds every trainer takes, with the planning rule in their help."""
+    p.add_argument("--max-steps", type=int, default=None, help="stop at this step (also the lr schedule's length)")
+    p.add_argument("--max-minutes", type=float, default=None,
+                   help="stop after this much wall time (this invocation). Without --max-steps the lr schedule "
+                        "and the progress bar are sized to the steps that fit, measured from throughput and "
+                        "re-planned if it drifts; with both, whichever comes first ends the run")
+
+
 class RunBudget:
     """Stop at max_steps or max_minutes (this invocation's wall time), or when a signal asks; and plan the
     run's length in steps (`planned_steps`), which lr schedules and progress bars are sized to.

@@ -50,7 +50,7 @@ from tessera.train.checkpoint import (CheckpointManager, capture_rng, flatten_op
 from tessera.train.distributed import all_reduce, barrier, destroy_distributed, init_distributed
 from tessera.train.loader import IGNORE, LoaderConfig, PackedLoader, parse_mix
 from tessera.train.mfu import peak_flops
-from tessera.train.monitor import MetricsLogger, Progress, RunBudget
+from tessera.train.monitor import MetricsLogger, Progress, RunBudget, add_budget_arguments
 from tessera.train.parallel import (full_model_state, full_optimizer_state, load_full_model_state,
                                     load_full_optimizer_state, parallelize, unwrap)
 from tessera.train.shards import read_manifest
@@ -582,11 +582,7 @@ def add_pretrain_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-data", metavar="SHARDS", help="held-out shards for periodic per-modality loss")
     p.add_argument("--out", required=True, metavar="RUN")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
-    p.add_argument("--max-steps", type=int, help="stop after this many steps (also the LR schedule's length)")
-    p.add_argument("--max-minutes", type=float,
-                   help="stop after this much wall time (this invocation). Without --max-steps the LR schedule "
-                        "and the progress bar are sized to the steps that fit, measured from throughput and "
-                        "re-planned if it drifts; with both, whichever comes first ends the run")
+    add_budget_arguments(p)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a training key (lr=1e-3) or a model key (model.dim=512)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda")

@@ -233,8 +233,10 @@ def load_eval_clips(source, sample_rate: int, max_clips: int | None = None, max_
 
 # ---------------------------------------------------------------------------------------------- evaluate
 @torch.no_grad()
-def reconstruct_clips(codec, clips: list[np.ndarray], n_q: int | None = None) -> tuple[list[np.ndarray], list]:
-    """Encode and decode each clip (clips of equal length share a batch); returns waves and codes (n_q, F)."""
+def reconstruct_clips(codec, clips: list[np.ndarray], n_q: int | None = None,
+                      decode: bool = True) -> tuple[list[np.ndarray | None], list]:
+    """Encode and decode each clip (clips of equal length share a batch); returns waves and codes (n_q, F).
+    With `decode=False` only the codes are computed (the waves are None)."""
     sr = codec.info.sample_rate
     outs: list = [None] * len(clips)
     codes_out: list = [None] * len(clips)
@@ -246,7 +248,7 @@ def reconstruct_clips(codec, clips: list[np.ndarray], n_q: int | None = None) ->
             chunk = idx[s: s + 16]
             x = torch.from_numpy(np.stack([clips[i] for i in chunk]))
             codes = codec.encode(x, sr)
-            y = codec.decode(codes, n_q=n_q)[:, :n].numpy()
+            y = codec.decode(codes, n_q=n_q)[:, :n].numpy() if decode else [None] * len(chunk)
             for j, i in enumerate(chunk):
                 outs[i], codes_out[i] = y[j], codes[j, : (n_q or codes.shape[1])]
     return outs, codes_out
@@ -365,8 +367,8 @@ def run_eval(args) -> int:
                                          min_samples=1, skips=SkipLog())
         if not train_clips:
             raise AudioCodecError(f"{args.prior_data}: no usable training clips for the learnability prior")
-        _, train_codes = reconstruct_clips(codec, train_clips, n_q=k)
-        _, test_codes = reconstruct_clips(codec, clips, n_q=k)
+        _, train_codes = reconstruct_clips(codec, train_clips, n_q=k, decode=False)
+        _, test_codes = reconstruct_clips(codec, clips, n_q=k, decode=False)
         result["learnability"] = code_learnability([frame_sequence(c, K) for c in train_codes],
                                                    [frame_sequence(c, K) for c in test_codes], k * K,
                                                    steps=args.prior_steps)

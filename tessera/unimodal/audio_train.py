@@ -44,7 +44,7 @@ from tessera.train.checkpoint import (CheckpointManager, capture_rng, flatten_op
                                       unflatten_optimizer_state)
 from tessera.train.distributed import (all_gather_object, all_reduce, barrier, destroy_distributed,
                                        init_distributed, seed_everything)
-from tessera.train.monitor import MetricsLogger, Progress, RunBudget, wsd_factor
+from tessera.train.monitor import MetricsLogger, Progress, RunBudget, add_budget_arguments, wsd_factor
 from tessera.unimodal.audio import (AUDIO_PRESETS, AudioCodec, AudioCodecConfig, AudioCodecError, SEANetCodec)
 from tessera.unimodal.audio_eval import MultiScaleMel, codebook_usage, score_pairs
 from tessera.unimodal.media import Audio, MediaError, SkipLog, check_waveform, list_media, load_audio, split_audio
@@ -541,11 +541,7 @@ def add_train_arguments(p) -> None:
     p.add_argument("--eval-data", default=None, help="held-out clips (default: a few clips held out of --data)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a model or training config key (repeatable), e.g. --set strides=8,5,4,2")
-    p.add_argument("--max-steps", type=int, default=None, help="stop at this step (also the lr schedule's length)")
-    p.add_argument("--max-minutes", type=float, default=None,
-                   help="stop after this much wall time (this invocation). Without --max-steps the lr schedule "
-                        "and the progress bar are sized to the steps that fit, measured from throughput and "
-                        "re-planned if it drifts; with both, whichever comes first ends the run")
+    add_budget_arguments(p)
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/latest")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda")
     p.add_argument("--no-progress", action="store_true")

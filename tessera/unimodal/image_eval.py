@@ -187,22 +187,22 @@ def _load_images(files, codec, args, skips: SkipLog) -> list[torch.Tensor]:
 
 
 @torch.no_grad()
-def encode_rasters(codec, images: list[torch.Tensor], batch_size: int = 64) -> list[np.ndarray]:
-    """Each uint8 (3, H, W) image's code grid in raster order, as the decoder reads it."""
+def encode_grids(codec, images: list[torch.Tensor], batch_size: int = 64) -> list[torch.Tensor]:
+    """Each uint8 (3, H, W) image's (h, w) code grid; images of one size share a batch."""
     out = []
     for i in range(0, len(images), batch_size):
         group = images[i : i + batch_size]
         if len({tuple(x.shape) for x in group}) == 1:
-            codes = codec.encode(torch.stack(group).float() / 255.0)
-            out += [c.reshape(-1).cpu().numpy() for c in codes]
+            out += list(codec.encode(torch.stack(group).float() / 255.0).cpu())
         else:
-            out += [codec.encode(x[None].float() / 255.0)[0].reshape(-1).cpu().numpy() for x in group]
+            out += [codec.encode(x[None].float() / 255.0)[0].cpu() for x in group]
     return out
 
 
 @torch.no_grad()
-def judge_ceiling(codec, images: list[torch.Tensor], files, corpus) -> dict:
-    """The digits image judge's accuracy on the originals and on the codec's reconstructions."""
+def judge_ceiling(codec, images: list[torch.Tensor], grids: list[torch.Tensor], files, corpus) -> dict:
+    """The digits image judge's accuracy on the originals and on the codec's reconstructions (decoded from
+    `grids`, the images' codes)."""
     from tessera.eval.judges import ImageDigitJudge, corpus_images
 
     table = {}
@@ -215,7 +215,7 @@ def judge_ceiling(codec, images: list[torch.Tensor], files, corpus) -> dict:
     judge = ImageDigitJudge.from_corpus(corpus)
     to_pil = lambda x: Image.fromarray(x.permute(1, 2, 0).numpy(), mode="RGB")
     originals = [to_pil(images[i]) for i in keep]
-    recon = [to_pil(to_uint8(codec.decode(codec.encode(images[i][None].float() / 255.0)))[0].cpu()) for i in keep]
+    recon = [to_pil(to_uint8(codec.decode(grids[i][None]))[0].cpu()) for i in keep]
     acc_o, acc_r = judge.accuracy(originals, labels), judge.accuracy(recon, labels)
     return {"accuracy_original": round(acc_o, 4), "accuracy_reconstructed": round(acc_r, 4),
             "ratio": round(acc_r / acc_o, 4) if acc_o else None, "n": len(keep)}
@@ -256,20 +256,22 @@ def evaluate_files(codec, files, args, skips: SkipLog) -> dict:
         "jpeg": [] if args.no_jpeg else evaluate_jpeg(images),
         "skipped": skips.to_dict()["counts"],
     }
-    if getattr(args, "digits_corpus", None):
+    digits_corpus, prior_data = getattr(args, "digits_corpus", None), getattr(args, "prior_data", None)
+    grids = encode_grids(codec, images) if digits_corpus or prior_data else None
+    if digits_corpus:
         if len(images) != len(files):
             raise TesseraError("--digits-corpus needs every evaluated image to load")
-        result["judge"] = judge_ceiling(codec, images, files, args.digits_corpus)
-    if getattr(args, "prior_data", None):
+        result["judge"] = judge_ceiling(codec, images, grids, files, digits_corpus)
+    if prior_data:
         from tessera.unimodal.learnability import code_learnability
 
         prior_skips = SkipLog()
-        train_files = list_media(args.prior_data, "image", prior_skips)
-        train_images = _load_images(train_files, codec, args, prior_skips)
+        train_images = _load_images(list_media(prior_data, "image", prior_skips), codec, args, prior_skips)
         if not train_images:
-            raise TesseraError(f"{args.prior_data}: no usable training images for the learnability prior")
-        result["learnability"] = code_learnability(encode_rasters(codec, train_images),
-                                                   encode_rasters(codec, images), K, steps=args.prior_steps)
+            raise TesseraError(f"{prior_data}: no usable training images for the learnability prior")
+        raster = lambda gs: [g.reshape(-1).numpy() for g in gs]  # the decoder reads a grid in raster order
+        result["learnability"] = code_learnability(raster(encode_grids(codec, train_images)), raster(grids), K,
+                                                   steps=args.prior_steps)
     return result
 
 

@@ -57,7 +57,7 @@ from tessera.train.distributed import (
     init_distributed,
     seed_everything,
 )
-from tessera.train.monitor import MetricsLogger, Progress, RunBudget, wsd_factor
+from tessera.train.monitor import MetricsLogger, Progress, RunBudget, add_budget_arguments, wsd_factor
 from tessera.unimodal.image import ImageCodec, ImageCodecConfig, image_preset
 from tessera.unimodal.image_data import (
     InfiniteBatchSampler,
@@ -495,11 +495,7 @@ def add_train_arguments(p) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a codec or training config key (repeatable), e.g. --set quantizer=vq")
     p.add_argument("--eval-data", default=None, metavar="DIR_OR_JSONL", help="held-out images (default: see --data)")
-    p.add_argument("--max-steps", type=int, default=None, help="stop at this step (also the lr schedule's length)")
-    p.add_argument("--max-minutes", type=float, default=None,
-                   help="stop after this much wall time (this invocation). Without --max-steps the lr schedule "
-                        "and the progress bar are sized to the steps that fit, measured from throughput and "
-                        "re-planned if it drifts; with both, whichever comes first ends the run")
+    add_budget_arguments(p)
     p.add_argument("--resume", action="store_true", help="continue from OUT's latest checkpoint")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--workers", type=int, default=None, help="data loader processes (default: 0 on CPU, 4 on GPU)")
