@@ -7,6 +7,7 @@ Reported: tokens/s of each (median over rounds) and their ratio.
 
     python benchmarks/train_throughput.py                        # CPU: demo and small presets
     python benchmarks/train_throughput.py --gpu-1b               # CUDA: also the 1b preset, seq 4096, bf16, MFU
+    python benchmarks/train_throughput.py --presets demo --dtypes fp32,bf16   # both sides in each dtype
 
 Writes benchmarks/results/train_throughput.json.
 """
@@ -114,16 +115,21 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--dtypes", default=None,
+                   help="comma-separated fp32,bf16 (autocast, both sides); default: bf16 on CUDA, fp32 on CPU")
     p.add_argument("--gpu-1b", action="store_true", help="also the 1b preset at seq 4096 in bf16 (CUDA)")
     p.add_argument("--out", default=str(RESULTS))
     args = p.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    names = args.dtypes.split(",") if args.dtypes else ["bf16" if device.type == "cuda" else "fp32"]
+    dtypes = [{"fp32": torch.float32, "bf16": torch.bfloat16}[n] for n in names]
     runs = []
     for preset in args.presets.split(","):
-        r = bench_preset(preset, args.vocab, args.batch, args.seq, args.steps, args.warmup, args.rounds, device, dtype)
-        print(json.dumps(r))
-        runs.append(r)
+        for dtype in dtypes:
+            r = bench_preset(preset, args.vocab, args.batch, args.seq, args.steps, args.warmup, args.rounds, device,
+                             dtype)
+            print(json.dumps(r))
+            runs.append(r)
     if args.gpu_1b:
         if device.type != "cuda":
             raise SystemExit("--gpu-1b needs CUDA")
