@@ -7,16 +7,21 @@ bad file is a counted skip, never a crash and never a silent loss.
 Images: any Pillow format; EXIF orientation applied; grayscale, palette, CMYK and 16-bit images converted
 to 8-bit RGB; transparency composited on white; a pixel cap checked *before* decoding (decompression bombs).
 Audio: anything libsndfile reads (WAV 8/16/24/32-bit and float, FLAC, OGG/Vorbis, Opus); mixed to mono;
-NaN/Inf refused; a duration cap checked from the header before reading.
+NaN/Inf refused; samples far outside [-1, 1] refused (a float file written unnormalized); a WAV whose header
+promises more samples than the file holds refused (libsndfile would read the rest silently); sample rates
+outside 1-384 kHz refused; a duration cap checked from the header before reading. Resampling costs at most
+about a million kernel taps whatever the two rates (see `resample`).
 """
 
 from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import warnings
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 from typing import ClassVar
 
@@ -30,6 +35,9 @@ from tessera.errors import TesseraError
 DEFAULT_MAX_PIXELS = 4096 * 4096
 DEFAULT_MAX_AUDIO_SECONDS = 600.0
 CLIP_LEVEL = 0.999  # |sample| at or above this counts as clipped
+MAX_SAMPLE_ABS = 4.0  # |sample| above this in a decoded file: not audio in [-1, 1] but unnormalized values
+MIN_SAMPLE_RATE, MAX_SAMPLE_RATE = 1_000, 384_000  # files at other rates are refused (bad_sample_rate)
+MAX_RESAMPLE_TAPS = 2**20  # exact resampling when its kernel is at most this large (see `resample`)
 
 
 class MediaError(TesseraError):
@@ -175,6 +183,55 @@ def check_waveform(w: np.ndarray, name: str = "<audio>") -> dict:
     return {"clipped": clipped}
 
 
+def _wav_data_size(f) -> tuple[int, int, int] | None:
+    """(bytes the data chunk of a RIFF/WAVE file declares, bytes the file holds after the chunk's header,
+    bytes per frame), or None when `f` is not such a file or its size field is a streaming placeholder."""
+    f.seek(0)
+    head = f.read(12)
+    if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+        return None
+    end = f.seek(0, io.SEEK_END)
+    pos, block_align = 12, 0
+    while pos + 8 <= end:
+        f.seek(pos)
+        hdr = f.read(8)
+        cid, size = hdr[:4], int.from_bytes(hdr[4:8], "little")
+        if cid == b"fmt ":
+            fmt = f.read(min(size, 16))
+            block_align = int.from_bytes(fmt[12:14], "little") if len(fmt) >= 14 else 0
+        elif cid == b"data":
+            if size in (0, 0xFFFFFFFF):  # written by a stream that never went back to fill it in
+                return None
+            return size, end - pos - 8, block_align
+        pos += 8 + size + (size & 1)
+    return None
+
+
+def _check_not_truncated(source, name: str) -> None:
+    """Refuse a WAV whose header promises more samples than the file holds (libsndfile reads what is there
+    without a word)."""
+    try:
+        if isinstance(source, (str, os.PathLike)):
+            with open(source, "rb") as f:
+                found = _wav_data_size(f)
+        elif hasattr(source, "seek") and hasattr(source, "read"):
+            found = _wav_data_size(source)
+            source.seek(0)
+        else:
+            return
+    except OSError:
+        return  # unreadable here: soundfile reports it
+    if found is None:
+        return
+    declared, held, align = found
+    if held < declared:
+        if align:
+            raise MediaError("truncated", f"{name}: truncated: the header promises {declared // align} frames, "
+                                          f"the file holds {held // align}")
+        raise MediaError("truncated", f"{name}: truncated: the header promises {declared} bytes of samples, "
+                                      f"the file holds {held}")
+
+
 def load_audio(
     source,
     *,
@@ -184,9 +241,11 @@ def load_audio(
 ) -> Audio:
     """Read an audio file with soundfile, mix to mono and resample to `sample_rate` (if given).
 
-    Raises `MediaError` with reason "missing", "corrupt", "empty", "too_long" or "nonfinite". The duration
-    cap is checked from the header, before the samples are read. Callers that want long files split
-    instead of refused read them with `max_seconds=None` and call `split_audio`.
+    Raises `MediaError` with reason "missing", "corrupt", "truncated", "empty", "too_long", "nonfinite",
+    "out_of_range" (a sample beyond +-`MAX_SAMPLE_ABS`), "bad_sample_rate" (outside `MIN_SAMPLE_RATE` to
+    `MAX_SAMPLE_RATE`) or "decode_error" (resampling failed). The duration cap is checked from the header,
+    before the samples are read. Callers that want long files split instead of refused read them with
+    `max_seconds=None` and call `split_audio`.
     """
     name = str(source) if isinstance(source, (str, os.PathLike)) else "<audio>"
     if isinstance(source, (str, os.PathLike)) and not Path(source).is_file():
@@ -201,9 +260,13 @@ def load_audio(
         raise MediaError("corrupt", f"{name}: cannot read audio header ({e})") from None
     if info.frames == 0 or info.samplerate <= 0:
         raise MediaError("empty", f"{name}: zero-length audio")
+    if not MIN_SAMPLE_RATE <= info.samplerate <= MAX_SAMPLE_RATE:
+        raise MediaError("bad_sample_rate", f"{name}: a sample rate of {info.samplerate} Hz is outside "
+                                            f"{MIN_SAMPLE_RATE}-{MAX_SAMPLE_RATE} Hz")
     seconds = info.frames / info.samplerate
     if max_seconds is not None and seconds > max_seconds:
         raise MediaError("too_long", f"{name}: {seconds:.1f} s is longer than the cap of {max_seconds:.1f} s")
+    _check_not_truncated(source, name)
     try:
         data, sr = sf.read(source, dtype="float32", always_2d=True)
     except Exception as e:
@@ -212,21 +275,50 @@ def load_audio(
         raise MediaError("empty", f"{name}: zero-length audio")
     w = data.mean(axis=1) if mono else data.T
     check_waveform(w, name)
+    peak = float(np.abs(w).max())
+    if peak > MAX_SAMPLE_ABS:
+        raise MediaError("out_of_range", f"{name}: samples reach {peak:.3g}, far outside [-1, 1] (a float file "
+                                         f"written without scaling?)")
     audio = Audio(np.ascontiguousarray(w), sr)
     if sample_rate and sample_rate != sr:
-        audio = resample(audio, sample_rate)
+        try:
+            audio = resample(audio, sample_rate)
+        except Exception as e:  # noqa: BLE001 - a file that cannot be resampled is that file's problem
+            raise MediaError("decode_error", f"{name}: cannot resample {sr} Hz to {sample_rate} Hz "
+                                             f"({type(e).__name__}: {e})") from None
     return audio
 
 
+def resample_ratio(orig: int, new: int) -> tuple[int, int]:
+    """The (orig, new) rates `resample` hands torchaudio: the exact pair when its kernel (orig/g x new/g taps,
+    g their gcd) is at most `MAX_RESAMPLE_TAPS`, else the closest ratio whose kernel is.
+
+    torchaudio's cost grows with (orig/g)(new/g): 15,999 Hz to 16,000 Hz builds a 16,000 x 16,000 kernel
+    (seconds and gigabytes for a 50 ms clip). The closest small ratio to 16,000/15,999 is 1: the clip keeps
+    its samples and plays 0.006% slower. Every such approximation is off by less than 0.1%.
+    """
+    g = math.gcd(orig, new)
+    if (orig // g) * (new // g) <= MAX_RESAMPLE_TAPS:
+        return orig, new
+    target = Fraction(new, orig)
+    limit = max(1, int(math.sqrt(MAX_RESAMPLE_TAPS / float(target))))
+    while True:
+        r = target.limit_denominator(limit)
+        if r.numerator * r.denominator <= MAX_RESAMPLE_TAPS or limit == 1:
+            return r.denominator, r.numerator
+        limit //= 2
+
+
 def resample(audio: Audio, sample_rate: int) -> Audio:
-    """Resample with torchaudio's band-limited sinc interpolation."""
+    """Resample with torchaudio's band-limited sinc interpolation, at a bounded cost (`resample_ratio`)."""
     if audio.sample_rate == sample_rate:
         return audio
+    orig, new = resample_ratio(audio.sample_rate, sample_rate)
+    if orig == new:
+        return Audio(audio.waveform, sample_rate)
     import torchaudio.functional as AF
 
-    w = torch.from_numpy(audio.waveform)
-    out = AF.resample(w, audio.sample_rate, sample_rate)
-    return Audio(out.numpy(), sample_rate)
+    return Audio(AF.resample(torch.from_numpy(audio.waveform), orig, new).numpy(), sample_rate)
 
 
 def split_audio(audio: Audio, max_seconds: float) -> list[Audio]:
@@ -308,7 +400,7 @@ def list_media(source: str | os.PathLike, kind: str, skips: SkipLog | None = Non
                 for seg in segs:
                     if kind in seg:
                         found.add((src.parent / seg[kind]).resolve())
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
+            except (ValueError, KeyError, TypeError, RecursionError) as e:  # also too deep or too long a number
                 if skips is not None:
                     skips.add("bad_json", f"{src}:{lineno}: {type(e).__name__}: {e}")
     return sorted(found)
