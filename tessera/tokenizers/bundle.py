@@ -84,6 +84,13 @@ def build_bundle(
         if info.kind != kind:
             raise BundleError(f"{src} holds a {info.kind} codec, but was given as --{kind}")
         infos[kind] = info
+    if "image" in infos and infos["image"].max_size:
+        info = infos["image"]
+        largest = info.max_size // info.downsample
+        if largest > max_grid:  # else the first large image would stop pretokenization
+            raise BundleError(f"--max-grid {max_grid} is smaller than the image codec's largest grid, {largest} codes "
+                              f"per side ({info.max_size} px at {info.downsample} px per code): use --max-grid "
+                              f"{largest} or more")
     levels = infos["audio"].levels if "audio" in infos else 0
     if audio_levels is not None:
         if "audio" not in infos:
