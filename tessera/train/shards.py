@@ -10,12 +10,18 @@
       source_0000.docs             uint64, global ids of the documents of source 0 (written at completion)
 
 Each shard is written under temporary names and renamed, then recorded in the manifest (atomically), so an
-interrupted pretokenization resumes at the first unrecorded shard.
+interrupted pretokenization resumes at the first unrecorded shard. Temporary names carry the writer's pid
+and a random part, so two writers never share one. A run holds `.lock` in the directory (`flock`, released
+when the run ends or its process dies), so a second run into the same directory is refused.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import secrets
+import socket
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,13 +39,80 @@ class ShardError(TesseraError):
     pass
 
 
+def _temp_name(path: Path) -> Path:
+    """A hidden temporary name beside `path`, unique to this process and call."""
+    return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+
+
 def _atomic_array(path: Path, arr: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(np.ascontiguousarray(arr).tobytes())
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    tmp = _temp_name(path)
+    try:
+        with open(tmp, "xb") as f:
+            f.write(np.ascontiguousarray(arr).tobytes())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+LOCK_NAME = ".lock"
+
+
+class OutputLock:
+    """An exclusive hold on an output directory: `flock` on DIR/.lock, which records its holder.
+
+    The kernel releases the lock when the holder closes it or its process dies (a crash, SIGKILL, the OOM
+    killer), so a stale `.lock` file never blocks a later run. The file itself stays: removing it could let
+    two runs lock two different files of the same name.
+    """
+
+    def __init__(self, directory: str | os.PathLike, what: str = "tessera data pretokenize"):
+        self.path, self.fd = Path(directory) / LOCK_NAME, None
+        try:
+            import fcntl
+        except ImportError:  # no flock on this platform: nothing to hold
+            return
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise ShardError(f"{directory} is in use by another run ({describe_lock_holder(self.path)}); wait for "
+                             f"it to end or choose another --out") from None
+        except BaseException:
+            os.close(fd)
+            raise
+        self.fd = fd
+        holder = {"pid": os.getpid(), "host": socket.gethostname(), "command": what,
+                  "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(holder) + "\n").encode(), 0)
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing the descriptor releases the flock
+            self.fd = None
+
+    def __enter__(self) -> "OutputLock":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def describe_lock_holder(path: Path) -> str:
+    try:
+        h = json.loads(path.read_text())
+        return f"pid {h['pid']} on {h['host']}, {h['command']}, since {h['since']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"the holder of {path}"
+
+
+def lock_output_dir(directory: str | os.PathLike, what: str = "tessera data pretokenize") -> OutputLock:
+    """Hold `directory` for this process, or raise `ShardError` naming the run that holds it."""
+    return OutputLock(directory, what)
 
 
 def write_shard(out: Path, name: str, tokens: np.ndarray, index: np.ndarray, mask: np.ndarray,
@@ -128,9 +201,10 @@ class ShardReader:
 def write_source_index(shards_dir: Path, manifest: dict) -> None:
     """Per-source lists of global document ids, streamed shard by shard (bounded memory)."""
     n_src = len(manifest["sources"])
-    tmp_paths = [shards_dir / f".source_{k:04d}.docs.tmp" for k in range(n_src)]
-    files = [open(p, "wb") for p in tmp_paths]
+    tmp_paths = [_temp_name(shards_dir / f"source_{k:04d}.docs") for k in range(n_src)]
+    files = []
     try:
+        files += [open(p, "xb") for p in tmp_paths]
         start = 0
         for s in manifest["shards"]:
             src = np.fromfile(shards_dir / f"{s['name']}.source", dtype=np.uint16)
@@ -138,13 +212,18 @@ def write_source_index(shards_dir: Path, manifest: dict) -> None:
             for k in range(n_src):
                 files[k].write(ids[src == k].tobytes())
             start += len(src)
-    finally:
         for f in files:
             f.flush()
             os.fsync(f.fileno())
             f.close()
-    for k, p in enumerate(tmp_paths):
-        os.replace(p, shards_dir / f"source_{k:04d}.docs")
+        for k, p in enumerate(tmp_paths):
+            os.replace(p, shards_dir / f"source_{k:04d}.docs")
+    except BaseException:
+        for f in files:
+            f.close()
+        for p in tmp_paths:
+            p.unlink(missing_ok=True)
+        raise
 
 
 def write_token_shards(out: str | Path, docs: list, layout_dict: dict, tokenizer_hash: str, *,
