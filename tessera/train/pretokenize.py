@@ -7,39 +7,65 @@ with media paths relative to the JSONL file. Each document becomes `<s> ...segme
 with `"loss": false` is context only (its tokens get mask 0). The source (default: the file's stem) feeds
 mixture weights in the loader.
 
+Media paths are resolved relative to the JSONL file's folder and must stay inside it, symlinks resolved
+(`../x.png`, an absolute path, or a link that leaves the folder is a skip: `outside_root`), unless
+`--allow-outside-paths` names the corpus as trusted.
+
 The inputs are cut into chunks of `docs_per_shard` lines; each worker process (one intra-op thread each)
 loads the tokenizer bundle once and turns a chunk into one shard, encoding the chunk's images and clips in
-batches (on CUDA when it is available). Shards are written in input order whatever the workers' timing, so
-the output is the same for any number of workers.
+batches (on CUDA when it is available). A batch is encoded as soon as it is full; decoded media waiting
+for their batch are all encoded at once when they pass `max_media_bytes` (`--max-media-mb`), so a worker's
+memory does not grow with the chunk (see `_Media`). Shards are written in input order whatever the
+workers' timing, so the output is the same for any number of workers. A worker that dies (the out-of-memory
+killer, a crash) ends the run with one line naming the lines it was encoding; the shards already written are
+kept, and running the same command again resumes.
 
-Bad samples (unparseable line, missing or corrupt media, an image smaller than one code, audio that is
-empty, non-finite or longer than `--max-audio-seconds`, an empty document, media the bundle has no codec
-for) are skipped and counted, with reasons and examples, in manifest.json; `--strict` makes the first one
-an error instead.
+Bad samples are skipped and counted, with reasons and examples, in manifest.json; `--strict` makes the first
+one an error instead. The reasons: a line that is not JSON or that Python's parser cannot take (nested too
+deep, an integer of thousands of digits: `bad_json`), a line longer than `--max-line-mb` (`line_too_long`),
+no segments list or a malformed segment, a path outside the data root, missing, corrupt or truncated media,
+an image larger than `max_image_pixels` or smaller than one code, an image whose grid exceeds the bundle's
+`max_grid`, audio that is empty, non-finite, far outside [-1, 1], at a sample rate outside 1-384 kHz or
+longer than `--max-audio-seconds`, any other error decoding one file (`decode_error`), an empty document,
+media the bundle has no codec for.
 
 Re-running into an existing output resumes after the last complete shard. A different tokenizer bundle or
 changed inputs are refused (never two tokenizers in one shard set); `--force` starts over, deleting the
-output only if it is a shard set (or empty) that holds none of the inputs.
+output only if it is a shard set (or empty) that holds none of the inputs. A run holds `OUT/.lock` while it
+works, so a second run into the same `--out` is refused with the holder's pid.
 """
 
 from __future__ import annotations
 
+import inspect
+import itertools
 import json
 import multiprocessing as mp
+import os
 import shutil
+import signal
 import time
+from collections import deque
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 from tessera.tokenizers.bundle import read_bundle_spec
 from tessera.tokenizers.layout import MODALITIES, VocabLayout
+from tessera.tokenizers.multimodal import MultimodalTokenizer
 from tessera.train.monitor import progress_bar
-from tessera.train.shards import (SHARDS_FORMAT, SHARDS_VERSION, ShardError, read_manifest, write_manifest,
-                                  write_shard, write_source_index)
+from tessera.train.shards import (LOCK_NAME, SHARDS_FORMAT, SHARDS_VERSION, ShardError, lock_output_dir,
+                                  read_manifest, write_manifest, write_shard, write_source_index)
 from tessera.unimodal.media import DEFAULT_MAX_PIXELS, MediaError, SkipLog, load_audio, load_image
+
+# Fault injection for tests: a worker process (never the main one) that reaches this "FILE:LINE" of an input
+# kills itself with SIGKILL, as the out-of-memory killer would.
+KILL_AT_ENV = "TESSERA_TEST_KILL_AT"
 
 
 @dataclass
@@ -49,6 +75,9 @@ class PretokenizeConfig:
     strict: bool = False
     max_audio_seconds: float = 60.0
     max_image_pixels: int = DEFAULT_MAX_PIXELS
+    max_line_bytes: int = 16 * 2**20  # a longer JSONL line is skipped (line_too_long), never read whole
+    max_media_bytes: int = 2**30  # decoded media a worker holds before it encodes them
+    allow_outside_paths: bool = False  # read media paths that leave the JSONL file's folder
     device: str = "auto"  # where the codecs run in the workers
 
 
@@ -58,18 +87,27 @@ def fingerprint(path: Path) -> dict:
     return {"path": str(path.resolve()), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
-def plan_chunks(inputs: list[Path], docs_per_shard: int) -> list[tuple[int, int, int, int]]:
-    """(input index, byte offset, number of lines, first line number) of every chunk, in input order."""
+def plan_chunks(inputs: list[Path], docs_per_shard: int, block: int = 2**20) -> list[tuple[int, int, int, int]]:
+    """(input index, byte offset, number of lines, first line number) of every chunk, in input order.
+
+    The files are read in blocks, so a line of any length costs no more memory than a block.
+    """
     chunks = []
     for fi, path in enumerate(inputs):
-        offset, start, n, first = 0, 0, 0, 1
+        start, n, first, offset, line_end = 0, 0, 1, 0, 0
         with open(path, "rb") as f:
-            for line in f:
-                if n == docs_per_shard:
-                    chunks.append((fi, start, n, first))
-                    start, first, n = offset, first + n, 0
-                offset += len(line)
-                n += 1
+            while data := f.read(block):
+                j = data.find(b"\n")
+                while j >= 0:
+                    n += 1
+                    line_end = offset + j + 1
+                    if n == docs_per_shard:
+                        chunks.append((fi, start, n, first))
+                        start, first, n = line_end, first + n, 0
+                    j = data.find(b"\n", j + 1)
+                offset += len(data)
+        if offset > line_end:  # a last line without a newline
+            n += 1
         if n:
             chunks.append((fi, start, n, first))
     return chunks
@@ -79,7 +117,7 @@ def plan_chunks(inputs: list[Path], docs_per_shard: int) -> list[tuple[int, int,
 _W: dict = {}
 
 
-def _init_worker(bundle: str, cfg_dict: dict, inputs: list[str]) -> None:
+def _init_worker(bundle: str, cfg_dict: dict, inputs: list[str], started=None) -> None:
     import torch
 
     from tessera.tokenizers.bundle import load_bundle
@@ -88,9 +126,12 @@ def _init_worker(bundle: str, cfg_dict: dict, inputs: list[str]) -> None:
     # One thread per worker: parallelism comes from --workers, and the codes do not depend on how many there
     # are (a different thread count can round a codec's float math differently and flip a code).
     torch.set_num_threads(1)
+    if started is not None:  # a worker process: Ctrl-C is the main process's to handle (it stops the workers)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     cfg = PretokenizeConfig(**cfg_dict)
     device = resolve_device(cfg.device)
-    _W.update(tok=load_bundle(bundle, device=device), cfg=cfg, inputs=[Path(p) for p in inputs], cache=CodeCache())
+    _W.update(tok=load_bundle(bundle, device=device), cfg=cfg, inputs=[Path(p) for p in inputs], cache=CodeCache(),
+              started=started, stats={"peak_media_bytes": 0, "budget_flushes": 0})
 
 
 class CodeCache:
@@ -133,22 +174,40 @@ class _Skip(Exception):
         self.reason = reason
 
 
-def _parse(line: bytes, base: Path, tok, cfg: PretokenizeConfig) -> tuple[list, str | None]:
-    """A document line -> [(kind, value, loss)] with media loaded; raises _Skip."""
+_UNCACHED = itertools.count()
+
+
+def _show(value: str, n: int = 120) -> str:
+    return value if len(value) <= n else value[:n] + "..."
+
+
+def _parse(line: bytes, base: Path, root: Path, tok, cfg: PretokenizeConfig, pending) -> tuple[list, str | None, dict]:
+    """A document line -> ([(kind, value, loss)], source, new media); raises _Skip.
+
+    Media are decoded into `new` ({key: (kind, decoded)}) unless their codes are cached or `pending` (the
+    chunk's media, `_Media`) already holds them; a media item's value is then its key.
+    """
+    try:
+        return _parse_doc(line, base, root, tok, cfg, pending)
+    except RecursionError:  # from the parser, or from printing a deeply nested segment in a message
+        raise _Skip("bad_json", "nested too deep for the JSON parser") from None
+
+
+def _parse_doc(line: bytes, base: Path, root: Path, tok, cfg: PretokenizeConfig, pending) -> tuple[list, str | None, dict]:
     try:
         doc = json.loads(line)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise _Skip("bad_json", f"not valid JSON: {e}") from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, an integer of thousands of digits
+        raise _Skip("bad_json", f"not valid JSON: {str(e).split(';')[0]}") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("segments"), list):
         raise _Skip("no_segments", "a document needs a 'segments' list")
     source = doc.get("source")
     if source is not None and not isinstance(source, str):
         raise _Skip("bad_segment", "'source' must be a string")
-    items = []
+    items, new = [], {}
     for seg in doc["segments"]:
         kinds = [k for k in ("text", "image", "audio") if isinstance(seg, dict) and k in seg]
         if len(kinds) != 1:
-            raise _Skip("bad_segment", f"a segment needs exactly one of text/image/audio: {str(seg)[:80]}")
+            raise _Skip("bad_segment", f"a segment needs exactly one of text/image/audio: {_show(repr(seg), 80)}")
         kind = kinds[0]
         loss = seg.get("loss", True)
         if not isinstance(loss, bool):
@@ -163,12 +222,23 @@ def _parse(line: bytes, base: Path, tok, cfg: PretokenizeConfig) -> tuple[list, 
         if not isinstance(value, str):
             raise _Skip("bad_segment", f"an {kind} segment must be a path")
         path = base / value
+        if not cfg.allow_outside_paths:
+            try:
+                inside = path.resolve().is_relative_to(root)
+            except (OSError, ValueError, RuntimeError) as e:  # a NUL byte, a name too long, a symlink loop
+                raise _Skip("bad_segment", f"{_show(value)!r} is not a usable path ({e})") from None
+            if not inside:
+                raise _Skip("outside_root", f"{_show(value)}: path outside the data root {root} "
+                                            f"(--allow-outside-paths reads it)")
         cache = _W.get("cache")
         try:
             key = cache.key(kind, path) if cache is not None and path.is_file() else None
             hit = cache.get(key) if key is not None else None
             if hit is not None:
                 items.append((kind + "_codes", hit, loss))
+                continue
+            if key is not None and (key in pending or key in new):  # decoded for an earlier segment
+                items.append((kind, key, loss))
                 continue
             if kind == "image":
                 if tok.image_codec is None:
@@ -177,82 +247,222 @@ def _parse(line: bytes, base: Path, tok, cfg: PretokenizeConfig) -> tuple[list, 
                 f = tok.image_codec.info.downsample
                 if min(im.size) < f:
                     raise _Skip("too_small", f"{path}: {im.width}x{im.height} is smaller than one {f}x{f} code")
-                items.append(("image", im, loss, key))
+                w, h = tok.image_size_for(im)
+                grid = tok.layout.max_grid
+                if h // f > grid or w // f > grid:
+                    raise _Skip("grid_too_large", f"{path}: its {h // f}x{w // f} grid is larger than the bundle's "
+                                                  f"max_grid {grid}; rebuild the bundle with --max-grid "
+                                                  f"{max(h, w) // f} or more")
+                if im.size != (w, h):  # the tokenizer would resize it the same way: hold the smaller image
+                    im = im.resize((w, h), Image.Resampling.BICUBIC)
+                decoded = im
             else:
                 if tok.audio_codec is None:
                     raise _Skip("no_audio_codec", "the document has audio but the bundle has no audio codec")
-                au = load_audio(path, sample_rate=tok.audio_codec.info.sample_rate, max_seconds=cfg.max_audio_seconds)
-                if au.num_samples < tok.audio_codec.info.downsample:
-                    raise _Skip("too_short", f"{path}: {au.duration * 1000:.1f} ms is shorter than one frame")
-                items.append(("audio", au, loss, key))
+                decoded = load_audio(path, sample_rate=tok.audio_codec.info.sample_rate,
+                                     max_seconds=cfg.max_audio_seconds)
+                if decoded.num_samples < tok.audio_codec.info.downsample:
+                    raise _Skip("too_short", f"{path}: {decoded.duration * 1000:.1f} ms is shorter than one frame")
+        except _Skip:
+            raise
         except MediaError as e:
             raise _Skip(e.reason, str(e)) from None
+        except Exception as e:  # noqa: BLE001 - any failure to decode one file is that file's skip
+            raise _Skip("decode_error", f"{path}: {type(e).__name__}: {e}") from None
+        if key is None:  # not cacheable (the file changed under us): its own entry
+            key = (kind, str(path), "uncached", next(_UNCACHED))
+        new[key] = (kind, decoded)
+        items.append((kind, key, loss))
     if not items:
         raise _Skip("empty", "the document has no content")
-    return items, source
+    return items, source, new
 
 
-def _encode_chunk(chunk: tuple[int, int, int, int]) -> dict:
+def _read_line(f, limit: int) -> tuple[bytes, bool]:
+    """The next line, or (b"", True) after skipping past a line longer than `limit` bytes."""
+    line = f.readline(limit + 1)
+    if len(line) <= limit or line.endswith(b"\n"):
+        return line, False
+    while line and not line.endswith(b"\n"):
+        line = f.readline(2**20)
+    return b"", True
+
+
+def _default_batch(method) -> int:
+    return inspect.signature(method).parameters["batch_size"].default
+
+
+# images / clips of one size the tokenizer encodes at once
+IMAGE_BATCH = _default_batch(MultimodalTokenizer.encode_images)
+AUDIO_BATCH = _default_batch(MultimodalTokenizer.encode_audios)
+
+
+class _Media:
+    """A chunk's decoded media on their way to codes, in the batches the tokenizer would form.
+
+    The tokenizer batches images of one size and clips of one length, in order of first use. A batch is
+    encoded as soon as it is full, so it holds the same media whenever it is encoded; the media still
+    waiting are all encoded early only when they pass `budget` bytes, which is what bounds a worker's memory
+    (then media of one size that would have shared a batch may not: a codec's float math, and so a code
+    at a tie, can depend on the batch). Codes go to `codes` and to the worker's cache.
+    """
+
+    def __init__(self, tok, cache: CodeCache, budget: int, stats: dict):
+        self.tok, self.cache, self.budget, self.stats = tok, cache, budget, stats
+        self.groups: dict[tuple, list] = {}
+        self.waiting: dict = {}  # key -> (kind, decoded)
+        self.codes: dict = {}
+        self.bytes = 0
+
+    def __contains__(self, key) -> bool:
+        return key in self.waiting or key in self.codes
+
+    def add(self, new: dict) -> None:
+        """Media of one accepted document: {key: (kind, decoded)}."""
+        for key, (kind, decoded) in new.items():
+            shape = decoded.size if kind == "image" else decoded.num_samples
+            group = self.groups.setdefault((kind, shape), [])
+            group.append(key)
+            self.waiting[key] = (kind, decoded)
+            self.bytes += decoded.width * decoded.height * 3 if kind == "image" else int(decoded.waveform.nbytes)
+            self.stats["peak_media_bytes"] = max(self.stats["peak_media_bytes"], self.bytes)
+            if len(group) == (IMAGE_BATCH if kind == "image" else AUDIO_BATCH):
+                self._encode((kind, shape))
+        if self.bytes > self.budget:
+            self.stats["budget_flushes"] += 1
+            self.flush()
+
+    def flush(self) -> None:
+        for group in list(self.groups):
+            self._encode(group)
+
+    def _encode(self, group: tuple) -> None:
+        kind, keys = group[0], self.groups.pop(group)
+        batch = [self.waiting.pop(k)[1] for k in keys]
+        if kind == "image":
+            codes = self.tok.encode_images(batch)  # one batch
+            self.bytes -= sum(im.width * im.height * 3 for im in batch)
+        else:
+            codes = self.tok.encode_audios(batch)  # one batch
+            self.bytes -= sum(int(au.waveform.nbytes) for au in batch)
+        for key, c in zip(keys, codes):
+            self.codes[key] = c
+            self.cache.put(key, c)
+
+
+def _assemble(tok, d: list, codes: dict) -> tuple[np.ndarray, np.ndarray]:
+    """A document's items -> (ids `<s> ... </s>`, loss mask)."""
+    ids, mask = [tok.bos_id], [0]
+    for kind, v, loss in d:
+        if kind == "text":
+            span = tok.text.encode(v)
+        elif kind in ("image", "image_codes"):
+            span = tok.image_span(codes[v] if kind == "image" else v)
+        else:
+            span = tok.audio_span(codes[v] if kind == "audio" else v)
+        ids += span
+        mask += [int(loss)] * len(span)
+    ids.append(tok.eos_id)
+    mask.append(1)
+    return np.asarray(ids, dtype=np.uint32), np.asarray(mask, dtype=np.uint8)
+
+
+def _encode_chunk(task: tuple[int, tuple[int, int, int, int]]) -> dict:
+    k, (fi, start, n, first) = task
+    started = _W.get("started")
+    if started is not None:
+        started[k] = 1
     tok, cfg = _W["tok"], _W["cfg"]
-    fi, start, n, first = chunk
+    kill_at = os.environ.get(KILL_AT_ENV) if started is not None else None
     path = _W["inputs"][fi]
+    root = path.parent.resolve()
     skips = SkipLog()
+    media = _Media(tok, _W["cache"], cfg.max_media_bytes, _W["stats"])
     docs, sources = [], []
     with open(path, "rb") as f:
         f.seek(start)
-        for k in range(n):
-            line = f.readline()
-            where = f"{path.name}:{first + k}"
-            if not line.strip():
+        for j in range(n):
+            where = f"{path.name}:{first + j}"
+            if kill_at == where:
+                os.kill(os.getpid(), signal.SIGKILL)
+            line, too_long = _read_line(f, cfg.max_line_bytes)
+            if not too_long and not line.strip():
                 continue
             try:
-                items, source = _parse(line, path.parent, tok, cfg)
+                if too_long:
+                    raise _Skip("line_too_long", f"longer than the cap of {cfg.max_line_bytes} bytes (--max-line-mb)")
+                items, source, new = _parse(line, path.parent, root, tok, cfg, media)
             except _Skip as e:
                 if cfg.strict:
                     raise ShardError(f"{where}: {e} (--strict)") from None
                 skips.add(e.reason, f"{where}: {e}")
                 continue
+            media.add(new)
             docs.append(items)
             sources.append(source or path.stem)
-    # Encode each distinct file of the chunk once (batched), remember its codes, then assemble the documents.
-    codes: dict = {}
-    cache = _W["cache"]
-    for kind, encode in (("image", tok.encode_images), ("audio", tok.encode_audios)):
-        todo = {}
-        for d in docs:
-            for item in d:
-                if item[0] == kind and item[3] not in todo:
-                    todo[item[3]] = item[1]
-        if todo:
-            for key, c in zip(todo, encode(list(todo.values()))):
-                codes[key] = c
-                cache.put(key, c)
-    toks, masks, offsets = [], [], [0]
-    for d in docs:
-        ids, mask = [tok.bos_id], [0]
-        for kind, v, loss, *key in d:
-            if kind == "text":
-                piece = tok.text.encode(v)
-            elif kind in ("image", "image_codes"):
-                piece = tok.image_span(codes[key[0]] if kind == "image" else v)
-            else:
-                piece = tok.audio_span(codes[key[0]] if kind == "audio" else v)
-            ids += piece
-            mask += [int(loss)] * len(piece)
-        ids.append(tok.eos_id)
-        mask.append(1)
-        toks.append(np.asarray(ids, dtype=np.uint32))
-        masks.append(np.asarray(mask, dtype=np.uint8))
-        offsets.append(offsets[-1] + len(ids))
-    tokens = np.concatenate(toks) if toks else np.zeros(0, np.uint32)
+    media.flush()
+    toks, masks = zip(*(_assemble(tok, d, media.codes) for d in docs)) if docs else ((), ())
+    offsets = np.cumsum([0] + [len(t) for t in toks])
+    if started is not None:
+        started[k] = 2
     return {
-        "tokens": tokens,
+        "tokens": np.concatenate(toks) if toks else np.zeros(0, np.uint32),
         "mask": np.concatenate(masks) if masks else np.zeros(0, np.uint8),
-        "index": np.asarray(offsets, dtype=np.uint64),
+        "index": offsets.astype(np.uint64),
         "sources": sources,
         "skips": skips.to_dict(),
         "lines": n,
     }
+
+
+class _WorkerDied(Exception):
+    pass
+
+
+class _Workers:
+    """Chunk results in input order from worker processes. Every wait ends: a worker that dies (SIGKILL from
+    the out-of-memory killer, a segfault) breaks the pool, and the wait for its chunk raises `_WorkerDied`
+    naming the chunks that were being encoded."""
+
+    def __init__(self, n: int, init_args: tuple, todo: list, inputs: list[Path]):
+        ctx = mp.get_context("spawn")
+        self.started = ctx.RawArray("b", max(1, len(todo)))  # per chunk: 1 while a worker encodes it, then 2
+        self.todo, self.inputs, self.ahead = todo, inputs, 2 * n
+        self.pool = ProcessPoolExecutor(n, mp_context=ctx, initializer=_init_worker, initargs=(*init_args, self.started))
+
+    def results(self):
+        pending: deque = deque()
+        submitted = 0
+        try:
+            while submitted < len(self.todo) or pending:
+                while submitted < len(self.todo) and len(pending) < self.ahead:
+                    pending.append(self.pool.submit(_encode_chunk, (submitted, self.todo[submitted])))
+                    submitted += 1
+                res = pending.popleft().result()
+                yield res
+        except BrokenProcessPool:
+            raise _WorkerDied(self._in_progress()) from None
+
+    def _in_progress(self) -> str:
+        names = []
+        for k, (fi, _, n, first) in enumerate(self.todo):
+            if self.started[k] == 1:
+                names.append(f"{self.inputs[fi].name} lines {first}-{first + n - 1}")
+        if not names:
+            return "starting up (loading the tokenizer bundle)"
+        return "encoding " + (names[0] if len(names) == 1 else "one of " + ", ".join(names))
+
+    def close(self, ok: bool) -> None:
+        if ok:
+            self.pool.shutdown(wait=True)
+            return
+        procs = list((getattr(self.pool, "_processes", None) or {}).values())
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        for p in procs:  # workers still encoding would otherwise finish their chunks first
+            if p.is_alive():
+                p.terminate()
+        for p in procs:
+            p.join(10)
 
 
 # ------------------------------------------------------------------------------------------ main loop
@@ -264,9 +474,20 @@ def _check_disposable(out: Path, inputs: list[Path]) -> None:
             raise ShardError(f"--out {out} holds the input {p}; --force would delete it: choose another --out")
     if not out.is_dir():
         raise ShardError(f"--out {out} is not a directory")
-    if any(out.iterdir()) and not (out / "manifest.json").is_file():
+    if any(p.name != LOCK_NAME for p in out.iterdir()) and not (out / "manifest.json").is_file():
         raise ShardError(f"--out {out} is not a shard set (no manifest.json) and is not empty; --force only "
                          f"replaces a shard set: choose another --out")
+
+
+def _clear(out: Path) -> None:
+    """Empty `out`, all but the lock this run holds on it."""
+    for p in out.iterdir():
+        if p.name == LOCK_NAME:
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
 
 
 def pretokenize(bundle: str | Path, inputs: list[str | Path], out: str | Path,
@@ -274,16 +495,26 @@ def pretokenize(bundle: str | Path, inputs: list[str | Path], out: str | Path,
     cfg = cfg or PretokenizeConfig()
     out, bundle = Path(out), Path(bundle)
     spec = read_bundle_spec(bundle)
-    layout = VocabLayout.from_dict(spec["layout"])
     paths = [Path(p) for p in inputs]
     for p in paths:
         if not p.is_file():
             raise FileNotFoundError(f"input {p} does not exist")
-    prints = [fingerprint(p) for p in paths]
     if force and out.exists():
-        _check_disposable(out, paths + [bundle])
-        shutil.rmtree(out)
+        _check_disposable(out, paths + [bundle])  # before the lock file is made in a directory of the user's
     out.mkdir(parents=True, exist_ok=True)
+    lock = lock_output_dir(out)  # before anything in `out` is read or replaced
+    try:
+        if force:
+            _check_disposable(out, paths + [bundle])
+            _clear(out)
+        return _pretokenize(spec, bundle, paths, out, cfg, progress)
+    finally:
+        lock.release()
+
+
+def _pretokenize(spec: dict, bundle: Path, paths: list[Path], out: Path, cfg: PretokenizeConfig, progress: bool) -> dict:
+    layout = VocabLayout.from_dict(spec["layout"])
+    prints = [fingerprint(p) for p in paths]
     if (out / "manifest.json").exists():
         manifest = read_manifest(out)
         if manifest["tokenizer_hash"] != spec["hash"]:
@@ -319,14 +550,14 @@ def pretokenize(bundle: str | Path, inputs: list[str | Path], out: str | Path,
     new_tokens = 0
     bar = progress_bar(total=n_lines, desc="pretokenize", unit="doc", disable=not progress)
     threads = torch.get_num_threads()
+    pool, ok = None, False
     try:
         if workers == 1:
             _init_worker(*init_args)
-            results = map(_encode_chunk, todo)
-            pool = None
+            results = map(_encode_chunk, enumerate(todo))
         else:
-            pool = mp.get_context("spawn").Pool(workers, initializer=_init_worker, initargs=init_args)
-            results = pool.imap(_encode_chunk, todo)
+            pool = _Workers(workers, init_args, todo, paths)
+            results = pool.results()
         for i, res in enumerate(results, start=done):
             name = f"shard_{i:05d}"
             src_ids = []
@@ -354,11 +585,19 @@ def pretokenize(bundle: str | Path, inputs: list[str | Path], out: str | Path,
             dt = max(1e-9, time.perf_counter() - t0)
             bar.set_postfix(docs_s=f"{bar.n / dt:.0f}", tok_s=f"{new_tokens / dt:.0f}", skipped=skips.total,
                             refresh=False)
+        ok = True
+    except _WorkerDied as e:
+        n = len(manifest["shards"])
+        raise ShardError(
+            f"a worker process died while {e} (killed by the system, often for lack of memory, or crashed); "
+            f"the {n} shard(s) before it are kept in {out}: run the same command again to resume (with fewer "
+            f"--workers or a smaller --max-media-mb if memory is short)"
+        ) from None
     finally:
         bar.close()
         torch.set_num_threads(threads)
         if pool is not None:
-            pool.terminate()
+            pool.close(ok)
     write_source_index(out, manifest)
     manifest["complete"] = True
     manifest["seconds"] = round(time.perf_counter() - t0, 2)
@@ -375,14 +614,27 @@ def add_pretokenize_arguments(p) -> None:
     p.add_argument("--docs-per-shard", type=int, default=PretokenizeConfig.docs_per_shard)
     p.add_argument("--max-audio-seconds", type=float, default=PretokenizeConfig.max_audio_seconds,
                    help="longer clips are refused (counted as too_long)")
+    p.add_argument("--max-line-mb", type=float, default=PretokenizeConfig.max_line_bytes / 2**20,
+                   help="longer JSONL lines are skipped (counted as line_too_long)")
+    p.add_argument("--max-media-mb", type=float, default=PretokenizeConfig.max_media_bytes / 2**20,
+                   help="decoded media a worker holds before encoding them (bounds each worker's memory)")
+    p.add_argument("--allow-outside-paths", action="store_true",
+                   help="read media paths that leave the JSONL file's folder (absolute, ../, symlinks out)")
     p.add_argument("--device", default="auto", help="where codecs run: auto, cpu or cuda")
     p.add_argument("--strict", action="store_true", help="stop at the first bad sample instead of skipping it")
     p.add_argument("--force", action="store_true", help="discard an existing shard set in --out and start over")
 
 
 def run_pretokenize(args) -> int:
+    from tessera.errors import TesseraError
+
+    for flag in ("max_line_mb", "max_media_mb"):
+        if not getattr(args, flag) > 0:
+            raise TesseraError(f"--{flag.replace('_', '-')} must be > 0, got {getattr(args, flag)}")
     cfg = PretokenizeConfig(docs_per_shard=args.docs_per_shard, workers=args.workers, strict=args.strict,
-                            max_audio_seconds=args.max_audio_seconds, device=args.device)
+                            max_audio_seconds=args.max_audio_seconds, max_line_bytes=int(args.max_line_mb * 2**20),
+                            max_media_bytes=int(args.max_media_mb * 2**20),
+                            allow_outside_paths=args.allow_outside_paths, device=args.device)
     m = pretokenize(args.tokenizer, args.input, args.out, cfg, force=args.force)
     t = m["tokens"]
     print(f"{m['docs']} documents, {t['total']} tokens (text {t['text']}, image {t['image']}, audio {t['audio']}) "
