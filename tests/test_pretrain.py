@@ -225,3 +225,36 @@ def test_code_embeddings_start_from_the_codecs_code_vectors(codec_bundle):
         idx = torch.randperm(len(v), generator=torch.Generator().manual_seed(0))[:200]
         dv, de = torch.pdist(v[idx]), torch.pdist(rows[idx].float())
         assert torch.corrcoef(torch.stack([dv, de]))[0, 1] > 0.5
+
+
+def test_ema_weights_are_evaluated_exported_and_resumed_exactly(corpus, tmp_path):
+    import torch
+
+    from tessera.storage import load_tensors
+
+    ema = ("--set", "ema_decay=0.9", "--set", "dtype=fp32")
+    straight = tmp_path / "straight"
+    assert pretrain.main(args(corpus, straight, "--max-steps", "8", *ema)) == 0
+    ck = straight / "checkpoints/step_000008"
+    exported, raw, avg = (load_tensors(p) for p in (straight / "model.safetensors", ck / "model.safetensors",
+                                                     ck / "ema.safetensors"))
+    assert all(torch.equal(exported[k], avg[k]) for k in avg)  # model.safetensors holds the average
+    assert any(not torch.equal(raw[k], avg[k]) for k in avg)  # which is not the last step's weights
+    # the average lies between the start and the end: closer to the end than the start is
+    first = tmp_path / "one"
+    pretrain.main(args(corpus, first, "--max-steps", "1", *ema))
+    start = load_tensors(first / "checkpoints/step_000001/model.safetensors")
+    k = "layers.0.feed_forward.w2.weight"
+    assert (avg[k] - raw[k]).norm() < (start[k] - raw[k]).norm()
+
+    split = tmp_path / "split"
+    pretrain.main(args(corpus, split, "--set", "steps=8", "--max-steps", "4", *ema))
+    pretrain.main(args(corpus, split, "--resume", "--max-steps", "8", *ema))
+    resumed = load_tensors(split / "checkpoints/step_000008/ema.safetensors")
+    assert all(torch.equal(resumed[k], avg[k]) for k in avg)
+    assert losses(straight) == losses(split)
+
+
+def test_ema_decay_out_of_range_is_refused(corpus, tmp_path, capsys):
+    assert pretrain.main(args(corpus, tmp_path / "run", "--max-steps", "2", "--set", "ema_decay=1.0")) == 2
+    assert "ema_decay" in capsys.readouterr().err

@@ -48,6 +48,7 @@ from tessera.tokenizers.layout import MODALITIES, VocabLayout
 from tessera.train.checkpoint import (CheckpointManager, capture_rng, flatten_optimizer_state, restore_rng,
                                       unflatten_optimizer_state)
 from tessera.train.distributed import all_reduce, barrier, destroy_distributed, init_distributed
+from tessera.train.ema import WeightEMA
 from tessera.train.loader import IGNORE, LoaderConfig, PackedLoader, parse_mix
 from tessera.train.mfu import peak_flops
 from tessera.train.monitor import MetricsLogger, Progress, RunBudget, add_budget_arguments
@@ -89,6 +90,7 @@ class TrainConfig:
     ckpt_every: int = 200
     keep_checkpoints: int = 2
     max_nan_skips: int = 5
+    ema_decay: float = 0.0  # > 0: evaluate, keep and export a moving average of the weights (train/ema.py)
     code_embedding_init: bool = True  # start code embeddings from the codecs' code vectors (see below)
     fsdp: bool = False
     compile: bool = False
@@ -110,6 +112,8 @@ class TrainConfig:
             raise ConfigError(f"schedule must be cosine, wsd or constant, got {self.schedule!r}")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise ConfigError(f"lr must be a finite number > 0, got {self.lr}")
+        if not 0 <= self.ema_decay < 1:
+            raise ConfigError(f"ema_decay must be in [0, 1) (0: off), got {self.ema_decay}")
         for key in ("min_lr_ratio", "decay_fraction", "cond_dropout"):
             if not 0 <= getattr(self, key) <= 1:
                 raise ConfigError(f"{key} must be in [0, 1], got {getattr(self, key)}")
@@ -381,6 +385,7 @@ def _train(args, env) -> dict:
     ckpt = CheckpointManager(out, keep=tcfg.keep_checkpoints)
     step, nan_skips, tokens_seen = 0, 0, 0
     schedule = None
+    saved_ema = None
     if resuming:
         tensors, state = ckpt.load(device="cpu")
         load_full_model_state(model, tensors["model"])
@@ -388,10 +393,19 @@ def _train(args, env) -> dict:
                                   unflatten_optimizer_state(tensors["optimizer"], state["optimizer"]))
         loader.load_state_dict(state["loader"])
         restore_rng(tensors["rng"], state["rng"])
+        saved_ema = (tensors["ema"], state["ema"]) if "ema" in tensors else None
         step, nan_skips, tokens_seen = state["step"], state["nan_skips"], state["tokens_seen"]
         schedule = state.get("schedule")
         if env.is_main:
             print(f"[tessera] resumed {out} at step {step}")
+
+    # The average starts from the weights above (a resumed run without one starts it at the resumed weights).
+    ema = WeightEMA(model, tcfg.ema_decay) if tcfg.ema_decay else None
+    averaged = ema.swapped if ema else contextlib.nullcontext  # the weights that are evaluated and exported
+    if ema and resuming and saved_ema:
+        with ema.swapped(capture=True):
+            load_full_model_state(model, saved_ema[0])
+        ema.load_state_dict(saved_ema[1])
 
     # The run stops at --max-steps, else at the end of a fixed schedule (`steps`), else at --max-minutes alone;
     # with no bound at all, at the resumed run's plan or DEFAULT_STEPS.
@@ -428,15 +442,20 @@ def _train(args, env) -> dict:
         # Every rank takes part in gathering the full state; only rank 0 receives it and writes.
         model_sd = full_model_state(model)
         opt_sd = full_optimizer_state(model, optimizer)
+        ema_sd = None
+        if ema:
+            with ema.swapped():  # a copy: on CPU the full state can share the parameters' storage
+                ema_sd = {k: v.clone() for k, v in full_model_state(model).items()}
         if env.is_main:
             opt_t, opt_meta = flatten_optimizer_state(opt_sd)
             rng_t, rng_meta = capture_rng()
-            ckpt.save(step, {"model": model_sd, "optimizer": opt_t, "rng": rng_t}, {
+            ckpt.save(step, {"model": model_sd, "optimizer": opt_t, "rng": rng_t, **({"ema": ema_sd} if ema else {})}, {
                 "optimizer": opt_meta, "rng": rng_meta, "loader": loader.state_dict(), "nan_skips": nan_skips,
                 "tokens_seen": tokens_seen, "train": to_dict(tcfg), "schedule": budget.state_dict(),
+                **({"ema": ema.state_dict()} if ema else {}),
             })
             if not tcfg.keep_best:
-                save_tensors(out / "model.safetensors", model_sd, metadata={"format": "pt"})
+                save_tensors(out / "model.safetensors", ema_sd if ema else model_sd, metadata={"format": "pt"})
         barrier()
 
     def note_eval(result: dict) -> None:
@@ -445,7 +464,8 @@ def _train(args, env) -> dict:
         if not tcfg.keep_best or not result.get("eval_loss", math.inf) < best["eval_loss"]:
             return
         best.update(step=step, eval_loss=result["eval_loss"])
-        model_sd = full_model_state(model)
+        with averaged():
+            model_sd = {k: v.clone() for k, v in full_model_state(model).items()} if ema else full_model_state(model)
         if env.is_main:
             save_tensors(out / "model.safetensors", model_sd, metadata={"format": "pt"})
             atomic_write_json(out / "best.json", {"step": step, **result})
@@ -511,6 +531,8 @@ def _train(args, env) -> dict:
         consecutive_nan = 0
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if ema:
+            ema.update()
         set_lr()
 
         window["ce"] += sums[0].item()
@@ -543,8 +565,9 @@ def _train(args, env) -> dict:
         else:
             progress.update(step)
         if args.eval_data and tcfg.eval_every and step % tcfg.eval_every == 0:
-            last_eval = evaluate(model, args.eval_data, layout, tcfg.seq_len, tcfg.batch_size, tcfg.eval_batches, env,
-                                 autocast_dtype)
+            with averaged():
+                last_eval = evaluate(model, args.eval_data, layout, tcfg.seq_len, tcfg.batch_size, tcfg.eval_batches,
+                                     env, autocast_dtype)
             note_eval(last_eval)
             progress.write(f"[tessera] step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in last_eval.items()))
             window["t0"] = time.perf_counter()
@@ -558,8 +581,9 @@ def _train(args, env) -> dict:
     if ckpt.latest_step() != step:
         save_checkpoint()
     if args.eval_data:
-        last_eval = evaluate(model, args.eval_data, layout, tcfg.seq_len, tcfg.batch_size, tcfg.eval_batches, env,
-                             autocast_dtype)
+        with averaged():
+            last_eval = evaluate(model, args.eval_data, layout, tcfg.seq_len, tcfg.batch_size, tcfg.eval_batches, env,
+                                 autocast_dtype)
         note_eval(last_eval)
     metrics.close()
     if tcfg.keep_best and env.is_main and best["step"] is not None:
