@@ -9,6 +9,7 @@ import types
 from pathlib import Path
 
 import pytest
+import torch
 
 from tessera.tokenizers import build_bundle
 from tessera.train import pretrain
@@ -258,3 +259,90 @@ def test_ema_weights_are_evaluated_exported_and_resumed_exactly(corpus, tmp_path
 def test_ema_decay_out_of_range_is_refused(corpus, tmp_path, capsys):
     assert pretrain.main(args(corpus, tmp_path / "run", "--max-steps", "2", "--set", "ema_decay=1.0")) == 2
     assert "ema_decay" in capsys.readouterr().err
+
+
+def _torchrun(corpus, out, port, *extra):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+           "-m", "tessera.train.pretrain", *args(corpus, out, *extra)]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+
+def test_fsdp_starts_from_the_weights_ddp_starts_from_and_trains_alike(corpus, tmp_path):
+    """FSDP2 over gloo on CPU, two processes: the same seeded start as DDP (rank 0 builds it and sends each
+    rank its shards), so the same per-step losses, and a checkpoint with the same names and values."""
+    from tessera.storage import load_tensors
+
+    run = ("--max-steps", "3", "--set", "batch_size=2", "--set", "ckpt_every=3", *FP32)
+    _torchrun(corpus, tmp_path / "ddp", 29561, *run)
+    _torchrun(corpus, tmp_path / "fsdp", 29562, "--fsdp", *run)
+    ddp, fsdp = losses(tmp_path / "ddp"), losses(tmp_path / "fsdp")
+    assert len(fsdp) == 3
+    for (s1, a), (s2, b) in zip(ddp, fsdp):
+        assert s1 == s2 and a == pytest.approx(b, rel=1e-5)
+    a = load_tensors(tmp_path / "ddp/checkpoints/step_000003/model.safetensors")
+    b = load_tensors(tmp_path / "fsdp/checkpoints/step_000003/model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-5), k
+
+
+def test_wrapped_blocks_save_and_load_under_clean_names():
+    """Activation checkpointing and compile wrap each block; checkpoints keep the plain model's names."""
+    from tessera.model.transformer import Transformer, model_preset
+    from tessera.train.parallel import (apply_activation_checkpointing, apply_compile, full_model_state,
+                                        load_full_model_state)
+
+    cfg = model_preset("tiny")
+    cfg.vocab_size = 256
+    plain = Transformer(cfg)
+    plain.init_weights(seed=1)
+    wrapped = Transformer(cfg)
+    apply_activation_checkpointing(wrapped)
+    apply_compile(wrapped)  # compiles lazily, at the first call: nothing is compiled here
+    assert any("_orig_mod" in k or "_checkpoint_wrapped_module" in k for k in wrapped.state_dict())
+    load_full_model_state(wrapped, plain.state_dict())
+    sd = full_model_state(wrapped)
+    assert sd.keys() == plain.state_dict().keys()
+    assert all(torch.equal(sd[k], v) for k, v in plain.state_dict().items())
+
+
+def test_activation_checkpointing_trains_identically(corpus, tmp_path):
+    pretrain.main(args(corpus, tmp_path / "plain", "--max-steps", "3", *FP32))
+    pretrain.main(args(corpus, tmp_path / "ac", "--max-steps", "3", "--set", "activation_checkpointing=true", *FP32))
+    assert losses(tmp_path / "plain") == losses(tmp_path / "ac")
+
+
+@pytest.mark.slow
+def test_compiled_training_matches_eager(corpus, tmp_path):
+    pretrain.main(args(corpus, tmp_path / "eager", "--max-steps", "3", *FP32))
+    pretrain.main(args(corpus, tmp_path / "compiled", "--max-steps", "3", "--compile", *FP32))
+    for (s1, a), (s2, b) in zip(losses(tmp_path / "eager"), losses(tmp_path / "compiled")):
+        assert s1 == s2 and a == pytest.approx(b, rel=1e-4)
+
+
+def test_compile_auto_compiles_runs_long_enough_to_pay_it_back(monkeypatch):
+    cpu = torch.device("cpu")
+    auto = pretrain.TrainConfig()
+    assert auto.compile == "auto"
+    monkeypatch.setattr(pretrain.shutil, "which", lambda name: "/usr/bin/" + name)
+    assert pretrain.decide_compile(auto, cpu, None, 5.5)[0] is True
+    assert pretrain.decide_compile(auto, cpu, 2000, None)[0] is True
+    on, why = pretrain.decide_compile(auto, cpu, 12, None)
+    assert not on and "too short" in why
+    assert not pretrain.decide_compile(auto, cpu, None, 1.0)[0]
+    assert pretrain.decide_compile(pretrain.TrainConfig(compile="on"), cpu, 12, None)[0] is True
+    assert pretrain.decide_compile(pretrain.TrainConfig(compile="off"), cpu, None, 60)[0] is False
+    monkeypatch.setattr(pretrain.shutil, "which", lambda name: None)
+    on, why = pretrain.decide_compile(auto, cpu, None, 60)
+    assert not on and "C++ compiler" in why
+    # a run written before compile became auto | on | off
+    assert pretrain.TrainConfig(compile=False).validate().compile == "off"
+    with pytest.raises(pretrain.ConfigError):
+        pretrain.TrainConfig(compile="sometimes").validate()
+
+
+def test_the_log_says_whether_the_run_compiled_and_why(corpus, tmp_path, capsys):
+    assert pretrain.main(args(corpus, tmp_path / "run", "--max-steps", "2")) == 0
+    assert "compile: off (auto: a run of 2 steps is too short" in capsys.readouterr().out

@@ -1,7 +1,8 @@
 """Model FLOPs utilization: achieved training FLOP/s over the device's peak.
 
 GPU peaks are the vendors' dense (no sparsity) tensor-core numbers for the training dtype. A CPU has no
-published peak worth trusting, so it is measured: the best FP32 matmul throughput over a few runs.
+published peak worth trusting, so it is measured: the best matmul throughput of the training dtype (fp32, or
+bf16 where the CPU runs it natively) over a few runs, with the current thread count.
 """
 
 from __future__ import annotations
@@ -24,10 +25,14 @@ GPU_PEAK_TFLOPS = {
 }
 
 
+def measured_cpu_peak_flops(n: int = 1024, repeats: int = 5, dtype: torch.dtype = torch.float32) -> float:
+    """Best matmul FLOP/s of this CPU in `dtype` with the current thread count (cached per thread count)."""
+    return _cpu_peak(n, repeats, dtype, torch.get_num_threads())
+
+
 @functools.cache
-def measured_cpu_peak_flops(n: int = 1024, repeats: int = 5) -> float:
-    """Best FP32 matmul FLOP/s of this CPU with the current thread count."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def _cpu_peak(n: int, repeats: int, dtype: torch.dtype, threads: int) -> float:
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     a @ b
     best = 0.0
     for _ in range(repeats):
@@ -48,4 +53,6 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> tuple[float, str]:
             if frag in name:
                 return table[key] * 1e12, f"{name} {key} table"
         return 0.0, f"{name}: not in the peak table"
-    return measured_cpu_peak_flops(), f"measured fp32 matmul ({torch.get_num_threads()} threads)"
+    key = "bf16" if dtype == torch.bfloat16 else "fp32"
+    return (measured_cpu_peak_flops(dtype=torch.bfloat16 if key == "bf16" else torch.float32),
+            f"measured {key} matmul ({torch.get_num_threads()} threads)")

@@ -72,14 +72,21 @@ _FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """The unsharded weights, on CPU, with clean names (no wrapper prefixes)."""
     sd = get_model_state_dict(unwrap(model), options=_FULL)
-    return {k.replace("._checkpoint_wrapped_module", "").replace("._orig_mod", ""): v for k, v in sd.items()}
+    return {clean_name(k): v for k, v in sd.items()}
 
 
-def load_full_model_state(model: nn.Module, sd: dict[str, torch.Tensor]) -> None:
-    m = unwrap(model)
-    names = {k.replace("._checkpoint_wrapped_module", "").replace("._orig_mod", ""): k for k in m.state_dict()}
-    sd = {names.get(k, k): v for k, v in sd.items()}
-    set_model_state_dict(m, sd, options=StateDictOptions(full_state_dict=True, strict=True))
+def clean_name(key: str) -> str:
+    """A parameter's name without the activation-checkpointing and compile wrappers' prefixes."""
+    return key.replace("._checkpoint_wrapped_module", "").replace("._orig_mod", "")
+
+
+def load_full_model_state(model: nn.Module, sd: dict[str, torch.Tensor], broadcast_from_rank0: bool = False) -> None:
+    """Load unsharded weights with clean names. With `broadcast_from_rank0`, only rank 0's `sd` is read
+    (the other ranks pass {}) and each rank receives its part."""
+    # torch.distributed.checkpoint names parameters without the wrappers' prefixes, in both directions
+    sd = {clean_name(k): v for k, v in sd.items()}
+    set_model_state_dict(unwrap(model), sd, options=StateDictOptions(full_state_dict=True, strict=not broadcast_from_rank0,
+                                                         broadcast_from_rank0=broadcast_from_rank0))
 
 
 def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:

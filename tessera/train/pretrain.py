@@ -93,7 +93,7 @@ class TrainConfig:
     ema_decay: float = 0.0  # > 0: evaluate, keep and export a moving average of the weights (train/ema.py)
     code_embedding_init: bool = True  # start code embeddings from the codecs' code vectors (see below)
     fsdp: bool = False
-    compile: bool = False
+    compile: str = "auto"  # auto | on | off: torch.compile each block and the loss (see decide_compile)
     activation_checkpointing: bool = False
 
     def validate(self) -> "TrainConfig":
@@ -108,6 +108,10 @@ class TrainConfig:
         if self.dtype not in ("auto", "bf16", "fp32"):
             raise ConfigError(f"dtype must be auto, bf16 or fp32, got {self.dtype!r} (fp16 would need loss "
                               f"scaling, which the trainer does not do)")
+        if isinstance(self.compile, bool) or str(self.compile).lower() in ("true", "false"):  # older runs' config
+            self.compile = "on" if str(self.compile).lower() == "true" else "off"
+        if self.compile not in ("auto", "on", "off"):
+            raise ConfigError(f"compile must be auto, on or off, got {self.compile!r}")
         if self.schedule not in ("cosine", "wsd", "constant"):
             raise ConfigError(f"schedule must be cosine, wsd or constant, got {self.schedule!r}")
         if not (math.isfinite(self.lr) and self.lr > 0):
@@ -136,6 +140,11 @@ def token_losses(logits: torch.Tensor, targets: torch.Tensor, modality: torch.Te
     return out
 
 
+# The loss compiled (lazily, at its first call): log-softmax, the gather and the per-modality sums fused,
+# instead of several passes over the (tokens x vocab) logits. `--compile` uses it beside the compiled blocks.
+compiled_token_losses = torch.compile(token_losses, dynamic=False)
+
+
 def lr_at(step: int, frac: float, warmup: int, cfg: TrainConfig) -> float:
     """The lr after `step` steps, `frac` of the way through the schedule (`RunBudget.fraction`): a linear
     warmup over `warmup` steps times a cosine or WSD decay to `min_lr_ratio` by `frac` (or none, constant).
@@ -150,6 +159,31 @@ def lr_at(step: int, frac: float, warmup: int, cfg: TrainConfig) -> float:
         p = min(1.0, max(0.0, (frac - 1 + cfg.decay_fraction) / max(1e-9, cfg.decay_fraction)))
         return warm * (cfg.lr + (lo - cfg.lr) * p)
     raise ConfigError(f"unknown schedule {cfg.schedule!r}: cosine, wsd or constant")
+
+
+# A run shorter than this is not worth compiling: on a 2-core CPU, compiling the demo decoder's blocks and
+# loss takes 10-25 s and then trains 1.2-1.5x faster (benchmarks/README.md), so it pays back after 1-2 min.
+COMPILE_MIN_MINUTES = 2.0
+COMPILE_MIN_STEPS = 500
+
+
+def decide_compile(cfg: TrainConfig, device: torch.device, max_steps: int | None,
+                   max_minutes: float | None) -> tuple[bool, str]:
+    """Whether to compile, and why (the log says both). `auto` compiles a run long enough to pay the
+    compilation back, on a GPU or on a CPU with a C++ compiler for inductor's CPU code."""
+    if cfg.compile != "auto":
+        return cfg.compile == "on", f"compile={cfg.compile}"
+    if device.type == "cpu" and not (shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")):
+        return False, "auto: no C++ compiler for inductor's CPU code (install g++, or set compile=off)"
+    if device.type not in ("cpu", "cuda"):
+        return False, f"auto: compile is not used on {device.type}"
+    long_enough = (max_minutes is not None and max_minutes >= COMPILE_MIN_MINUTES) or (
+        max_minutes is None and max_steps is not None and max_steps >= COMPILE_MIN_STEPS)
+    if not long_enough:
+        bound = f"{max_minutes:g} min" if max_minutes is not None else f"{max_steps} steps"
+        return False, (f"auto: a run of {bound} is too short to pay back compiling (at least "
+                       f"{COMPILE_MIN_MINUTES:g} min or {COMPILE_MIN_STEPS} steps)")
+    return True, "auto: a long run on a device inductor compiles for"
 
 
 def cpu_has_native_bf16() -> bool:
@@ -305,7 +339,7 @@ def prepare_run(args, env) -> tuple[ModelConfig, TrainConfig, dict, bool]:
     if args.fsdp:
         tcfg.fsdp = True
     if args.compile:
-        tcfg.compile = True
+        tcfg.compile = args.compile
     if tcfg.seq_len > mcfg.max_seq_len:
         raise ConfigError(f"seq_len {tcfg.seq_len} exceeds the model's max_seq_len {mcfg.max_seq_len}")
     if mcfg.vocab_size != layout.padded_vocab_size:
@@ -357,25 +391,40 @@ def _train(args, env) -> dict:
         write_run_files(out, mcfg, tcfg, spec, args)
     barrier()
     dtype = compute_dtype(tcfg, env.device)
+    bound_steps = args.max_steps or tcfg.steps or (None if args.max_minutes else DEFAULT_STEPS)
+    compiled, why = decide_compile(tcfg, env.device, bound_steps, args.max_minutes)
+    if env.is_main:
+        print(f"[tessera] compile: {'on' if compiled else 'off'} ({why})")
+    losses_fn = compiled_token_losses if compiled else token_losses
     torch.manual_seed(tcfg.seed)
+
+    def initial_model() -> Transformer:
+        """The seeded starting weights, the same for every launch mode (one process, DDP, FSDP2)."""
+        m = Transformer(mcfg)
+        m.init_weights(seed=tcfg.seed)
+        if tcfg.code_embedding_init and not resuming:
+            inited = init_code_embeddings(m, args.tokenizer, tcfg.seed)
+            if inited and env.is_main:
+                print(f"[tessera] code embeddings initialized from codec code vectors: {', '.join(inited)}")
+        return m
+
     if tcfg.fsdp:
+        # Rank 0 builds the full model on CPU; every rank builds an empty one on the meta device, shards it,
+        # allocates only its shards, and receives them from rank 0 (so memory per rank stays one shard, and
+        # the start is exactly the one a DDP run gets).
+        full = initial_model().state_dict() if env.is_main else {}
         with torch.device("meta"):
             model = Transformer(mcfg)
-        model = parallelize(model, env, fsdp=True, compile=tcfg.compile,
+        model = parallelize(model, env, fsdp=True, compile=compiled,
                             activation_checkpointing=tcfg.activation_checkpointing,
                             param_dtype=dtype if dtype != torch.float32 else None)
         model.to_empty(device=env.device)
-        unwrap(model).init_weights()
+        load_full_model_state(model, full, broadcast_from_rank0=True)
+        del full
         autocast_dtype = torch.float32  # FSDP's mixed-precision policy casts instead of autocast
     else:
-        model = Transformer(mcfg)
-        model.init_weights(seed=tcfg.seed)
-        if tcfg.code_embedding_init and not resuming:
-            inited = init_code_embeddings(model, args.tokenizer, tcfg.seed)
-            if inited and env.is_main:
-                print(f"[tessera] code embeddings initialized from codec code vectors: {', '.join(inited)}")
-        model.to(env.device)
-        model = parallelize(model, env, compile=tcfg.compile, activation_checkpointing=tcfg.activation_checkpointing)
+        model = initial_model().to(env.device)
+        model = parallelize(model, env, compile=compiled, activation_checkpointing=tcfg.activation_checkpointing)
         autocast_dtype = dtype
     core = unwrap(model)
     optimizer = build_optimizer(model, tcfg, env.device)
@@ -481,6 +530,7 @@ def _train(args, env) -> dict:
         b = read_json(out / "best.json")
         best.update(step=b["step"], eval_loss=b["eval_loss"])
     stop_error = None
+    start_step = step
     model.train()
     while not budget.should_stop(step):
         batches = [loader.next_batch() for _ in range(tcfg.grad_accum)]
@@ -501,7 +551,7 @@ def _train(args, env) -> dict:
             with sync:
                 with torch.autocast(env.device.type, dtype=autocast_dtype, enabled=autocast_dtype != torch.float32):
                     logits = model(b["input_ids"], b["positions"], b["doc_ids"])
-                r = token_losses(logits, b["targets"], modality, tcfg.z_loss)
+                r = losses_fn(logits, b["targets"], modality, tcfg.z_loss)
                 loss = r["ce"] + tcfg.z_loss * r.get("z", 0.0)
                 # DDP/FSDP average gradients over ranks; scale so the result is sum / global count.
                 (loss * env.world_size / global_count).backward()
@@ -514,6 +564,10 @@ def _train(args, env) -> dict:
             grad_norm = grad_norm.full_tensor()
         grad_norm = float(grad_norm)
         step += 1
+        if compiled and step == start_step + 1:  # compilation happens in the first step
+            compile_seconds = time.perf_counter() - window["t0"]
+            metrics.log(step, compile_seconds=compile_seconds)
+            progress.write(f"[tessera] first step, compiling included: {compile_seconds:.1f}s")
         budget.plan(step)
         tokens_seen += sum(b["input_ids"].numel() for b in batches) * env.world_size
         if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):
@@ -611,7 +665,9 @@ def add_pretrain_arguments(p: argparse.ArgumentParser) -> None:
                    help="override a training key (lr=1e-3) or a model key (model.dim=512)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda")
     p.add_argument("--fsdp", action="store_true", help="shard with FSDP2 instead of DDP (torchrun)")
-    p.add_argument("--compile", action="store_true", help="torch.compile each block")
+    p.add_argument("--compile", nargs="?", const="on", choices=["auto", "on", "off"], default=None,
+                   help="torch.compile each block and the loss (default auto: on for runs long enough to pay "
+                        "it back, where a compiler is available; the log says which and why)")
 
 
 def run_pretrain(args) -> int:
