@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tessera.model.transformer import Transformer
-from tessera.storage import load_tensors
+from tessera.storage import load_tensors, save_tensors
 from tessera.tokenizers import build_bundle
 from tessera.tokenizers.bundle import read_bundle_spec
 from tessera.tokenizers.layout import VocabLayout
@@ -202,13 +202,22 @@ def test_an_hf_model_that_does_not_fit_is_refused_saying_what_differs(corpus, tm
                        None, [])
 
 
-def test_pickled_weights_and_a_different_vocabulary_are_refused(corpus, tmp_path, capsys):
+def test_pickles_missing_or_extra_weights_and_a_different_vocabulary_are_refused(corpus, tmp_path, capsys):
     d = config_only(tmp_path)
     (d / "model.safetensors").unlink()
     (d / "pytorch_model.bin").write_bytes(b"")
     with pytest.raises(init_from.InitFromError, match="pytorch_model.bin are pickles"):
         init_from.open_source(d)
     n = text_size(corpus / "bundle")
+    hf_model("llama", tmp_path / "extra", n)
+    weights = load_tensors(tmp_path / "extra" / "model.safetensors")
+    save_tensors(tmp_path / "extra" / "model.safetensors", {**weights, "model.layers.0.mlp.up_proj.bias": torch.zeros(96)})
+    with pytest.raises(init_from.InitFromError, match="no place for: model.layers.0.mlp.up_proj.bias"):
+        imported(tmp_path / "extra", corpus / "bundle")
+    del weights["model.layers.1.input_layernorm.weight"]
+    save_tensors(tmp_path / "extra" / "model.safetensors", weights)
+    with pytest.raises(init_from.InitFromError, match="no model.layers.1.input_layernorm.weight"):
+        imported(tmp_path / "extra", corpus / "bundle")
     hf_model("llama", tmp_path / "hf", n + 100)
     assert pretrain.main(args(corpus, tmp_path / "run", "--init-from", str(tmp_path / "hf"), "--max-steps", "1")) == 2
     err = capsys.readouterr().err

@@ -204,18 +204,17 @@ def load_source_weights(src: Source) -> dict[str, torch.Tensor]:
             for k in g.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
                 hf[k] = g.get_tensor(k)
     cfg = src.cfg
-    sd, used = {}, set()
+    sd = {}
 
-    def take(name: str) -> torch.Tensor:
+    def take(name: str) -> torch.Tensor:  # each tensor is taken once: the source's copy is freed as it goes
         if name not in hf:
             raise InitFromError(f"--init-from {src.path}: the weights have no {name}")
-        used.add(name)
-        return hf[name].float()
+        return hf.pop(name).float()
 
     sd["tok_embeddings.weight"] = take("model.embed_tokens.weight")
     sd["norm.weight"] = take("model.norm.weight")
     if cfg.tie_embeddings:
-        used.add("lm_head.weight")  # some checkpoints store the tied head too
+        hf.pop("lm_head.weight", None)  # some checkpoints store the tied head too
     else:
         sd["output.weight"] = take("lm_head.weight")
     for i in range(cfg.n_layers):
@@ -232,7 +231,7 @@ def load_source_weights(src: Source) -> dict[str, torch.Tensor]:
         sd[p + "feed_forward.w2.weight"] = take(h + "mlp.down_proj.weight")
         sd[p + "attention_norm.weight"] = take(h + "input_layernorm.weight")
         sd[p + "ffn_norm.weight"] = take(h + "post_attention_layernorm.weight")
-    unused = sorted(k for k in hf if k not in used and not k.endswith("rotary_emb.inv_freq"))
+    unused = sorted(k for k in hf if not k.endswith("rotary_emb.inv_freq"))
     if unused:
         raise InitFromError(f"--init-from {src.path}: weights the decoder has no place for: {', '.join(unused[:5])}"
                             + (f" and {len(unused) - 5} more" if len(unused) > 5 else ""))
