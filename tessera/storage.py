@@ -100,8 +100,15 @@ def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        # safetensors refuses shared or non-contiguous storage: store plain contiguous copies.
-        clean = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+        # safetensors refuses shared or non-contiguous storage: store plain contiguous copies (tied weights,
+        # one tensor under two names, are stored twice).
+        clean, seen = {}, set()
+        for k, v in tensors.items():
+            v = v.detach().contiguous().cpu()
+            if v.numel() and v.untyped_storage().data_ptr() in seen:
+                v = v.clone()
+            seen.add(v.untyped_storage().data_ptr())
+            clean[k] = v
         save_file(clean, tmp, metadata=metadata)
         _relax(tmp)  # after writing: safetensors recreates the file with mkstemp's private mode
         with open(tmp, "rb") as f:

@@ -1,7 +1,8 @@
 """Export a tessera decoder as a Hugging Face transformers model, loadable with no remote code.
 
 tessera's decoder is Llama's architecture; with QK-norm on it is Qwen3's (per-head RMSNorm on q and k
-before RoPE). The export writes `LlamaForCausalLM` or `Qwen3ForCausalLM` weights and config, splits the
+before RoPE), and with `attn_bias` (biases on q, k and v) and no QK-norm it is Qwen2's. The export writes
+`LlamaForCausalLM`, `Qwen3ForCausalLM` or `Qwen2ForCausalLM` weights and config, splits the
 fused QKV and gate/up projections, writes a transformers tokenizer, and copies the tokenizer bundle:
 
     out/
@@ -26,8 +27,15 @@ from tessera.model.transformer import ModelConfig, Transformer
 from tessera.storage import atomic_write_json, make_temp_dir, replace_dir, save_tensors
 
 
+def hf_architecture(cfg: ModelConfig) -> str:
+    """The transformers class that computes what the decoder computes."""
+    if cfg.qk_norm:
+        return "Qwen3ForCausalLM"  # with attn_bias: Qwen3's attention_bias, the output projection's bias zero
+    return "Qwen2ForCausalLM" if cfg.attn_bias else "LlamaForCausalLM"
+
+
 def hf_config(cfg: ModelConfig, bos_id: int = 1, eos_id: int = 2, pad_id: int | None = None):
-    from transformers import LlamaConfig, Qwen3Config
+    from transformers import LlamaConfig, Qwen2Config, Qwen3Config
 
     common = dict(
         vocab_size=cfg.vocab_size,
@@ -41,19 +49,20 @@ def hf_config(cfg: ModelConfig, bos_id: int = 1, eos_id: int = 2, pad_id: int | 
         rms_norm_eps=cfg.norm_eps,
         rope_theta=cfg.rope_theta,
         tie_word_embeddings=cfg.tie_embeddings,
-        attention_bias=False,
         hidden_act="silu",
         bos_token_id=bos_id,
         eos_token_id=eos_id,
         pad_token_id=pad_id,
         initializer_range=cfg.init_std,
     )
-    if cfg.qk_norm:
-        c = Qwen3Config(use_sliding_window=False, **common)
-        c.architectures = ["Qwen3ForCausalLM"]
+    arch = hf_architecture(cfg)
+    if arch == "Qwen3ForCausalLM":
+        c = Qwen3Config(use_sliding_window=False, attention_bias=cfg.attn_bias, **common)
+    elif arch == "Qwen2ForCausalLM":
+        c = Qwen2Config(use_sliding_window=False, **common)
     else:
-        c = LlamaConfig(mlp_bias=False, **common)
-        c.architectures = ["LlamaForCausalLM"]
+        c = LlamaConfig(mlp_bias=False, attention_bias=False, **common)
+    c.architectures = [arch]
     return c
 
 
@@ -71,6 +80,13 @@ def to_hf_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
         out[h + "self_attn.k_proj.weight"] = k
         out[h + "self_attn.v_proj.weight"] = v
         out[h + "self_attn.o_proj.weight"] = sd[p + "attention.wo.weight"]
+        if cfg.attn_bias:
+            qb, kb, vb = sd[p + "attention.wqkv.bias"].split([hq, hk, hk], dim=0)
+            out[h + "self_attn.q_proj.bias"] = qb
+            out[h + "self_attn.k_proj.bias"] = kb
+            out[h + "self_attn.v_proj.bias"] = vb
+            if cfg.qk_norm:  # Qwen3's attention_bias also gives the output projection one
+                out[h + "self_attn.o_proj.bias"] = torch.zeros(cfg.dim, dtype=qb.dtype)
         if cfg.qk_norm:
             out[h + "self_attn.q_norm.weight"] = sd[p + "attention.q_norm.weight"]
             out[h + "self_attn.k_norm.weight"] = sd[p + "attention.k_norm.weight"]
@@ -139,6 +155,6 @@ def run_export(args) -> int:
     tok = m.tokenizer
     export_hf(m.model, Path(args.model) / "tokenizer", out, bos_id=tok.bos_id, eos_id=tok.eos_id,
               pad_id=tok.pad_id, dtype=getattr(torch, args.dtype))
-    arch = "Qwen3ForCausalLM" if m.model.cfg.qk_norm else "LlamaForCausalLM"
+    arch = hf_architecture(m.model.cfg)
     print(f"exported {arch} ({m.model.num_params(False) / 1e6:.1f}M parameters) -> {out}")
     return 0

@@ -2,7 +2,8 @@
 
 Architecture choices, and why:
 - RMSNorm pre-norm, rotary positions (rotate-half layout), SwiGLU MLP, no biases: the Llama recipe, so a
-  trained model exports 1:1 to HF transformers (Llama, or Qwen3 when QK-norm is on).
+  trained model exports 1:1 to HF transformers (Llama, or Qwen3 when QK-norm is on). `attn_bias` adds
+  Qwen2's biases on the query, key and value projections (off by default; for models started from Qwen2).
 - Grouped-query attention (n_kv_heads < n_heads) shrinks the KV cache for long image/audio spans.
 - QK-norm: RMSNorm over each head's queries and keys before RoPE. Chameleon found early-fusion models
   diverge without it as image-token logits grow; it is on by default. The optional z-loss (its other half)
@@ -40,6 +41,7 @@ class ModelConfig:
     norm_eps: float = 1e-5
     qk_norm: bool = True
     tie_embeddings: bool = False
+    attn_bias: bool = False  # biases on the q, k and v projections (Qwen2's); no other layer has biases
     max_seq_len: int = 2048
     attn_backend: str = "sdpa"  # sdpa | flex | flash
     init_std: float = 0.02
@@ -130,7 +132,7 @@ class Attention(nn.Module):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
         self.backend = cfg.attn_backend
-        self.wqkv = nn.Linear(cfg.dim, (cfg.n_heads + 2 * cfg.kv_heads) * cfg.head_dim, bias=False)
+        self.wqkv = nn.Linear(cfg.dim, (cfg.n_heads + 2 * cfg.kv_heads) * cfg.head_dim, bias=cfg.attn_bias)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
         self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
@@ -197,14 +199,15 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def init_weights(self, seed: int | None = None):
-        """Normal(0, std) everywhere; residual output projections scaled by 1/sqrt(2 * n_layers) (GPT-2)."""
+        """Normal(0, std) for matrices, residual output projections scaled by 1/sqrt(2 * n_layers) (GPT-2); ones
+        for norm weights, zeros for biases."""
         g = None
         if seed is not None:
             g = torch.Generator(device="cpu").manual_seed(seed)
         std = self.cfg.init_std
         for name, p in self.named_parameters():
             if p.dim() == 1:
-                nn.init.ones_(p)
+                (nn.init.zeros_ if name.endswith(".bias") else nn.init.ones_)(p)
                 continue
             s = std / math.sqrt(2 * self.cfg.n_layers) if name.endswith(("wo.weight", "w2.weight")) else std
             if g is None:

@@ -7,6 +7,8 @@
         --out run/ --set seq_len=4096 --set batch_size=4 --compile
     # continue an interrupted run from its latest checkpoint
     python -m tessera.train.pretrain ... --out run/ --resume
+    # start from another run's weights, or a local Llama/Qwen2/Qwen3 directory (train/init_from.py)
+    python -m tessera.train.pretrain --tokenizer tok/bundle --data shards/ --out run2/ --init-from run/
 
 `tessera train ...` takes the same arguments. Overrides: `--set key=value` for training keys and
 `--set model.key=value` for model keys; an unknown key is an error.
@@ -45,6 +47,7 @@ from tessera.model.transformer import ModelConfig, Transformer, model_preset
 from tessera.storage import atomic_write_json, read_json, save_tensors
 from tessera.tokenizers.bundle import read_bundle_spec
 from tessera.tokenizers.layout import MODALITIES, VocabLayout
+from tessera.train import init_from
 from tessera.train.checkpoint import (CheckpointManager, capture_rng, flatten_optimizer_state, restore_rng,
                                       unflatten_optimizer_state)
 from tessera.train.distributed import all_reduce, barrier, destroy_distributed, init_distributed
@@ -92,6 +95,10 @@ class TrainConfig:
     max_nan_skips: int = 5
     ema_decay: float = 0.0  # > 0: evaluate, keep and export a moving average of the weights (train/ema.py)
     code_embedding_init: bool = True  # start code embeddings from the codecs' code vectors (see below)
+    # With --init-from (train/init_from.py): text_rows keeps the imported text rows of the embedding and output
+    # tables fixed; all_but_new_rows trains only the rows the source did not have (a warm-up stage).
+    freeze: str = ""
+    init_allow_vocab_mismatch: bool = False  # for experiments: import an HF model whose vocabulary is not the text range's
     fsdp: bool = False
     compile: str = "auto"  # auto | on | off: torch.compile each block and the loss (see decide_compile)
     activation_checkpointing: bool = False
@@ -116,6 +123,8 @@ class TrainConfig:
             raise ConfigError(f"schedule must be cosine, wsd or constant, got {self.schedule!r}")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise ConfigError(f"lr must be a finite number > 0, got {self.lr}")
+        if self.freeze not in init_from.FREEZE_MODES:
+            raise ConfigError(f"freeze must be text_rows or all_but_new_rows (or empty: nothing frozen), got {self.freeze!r}")
         if not 0 <= self.ema_decay < 1:
             raise ConfigError(f"ema_decay must be in [0, 1) (0: off), got {self.ema_decay}")
         for key in ("min_lr_ratio", "decay_fraction", "cond_dropout"):
@@ -296,10 +305,13 @@ def _parse_overrides(items: list[str]) -> tuple[list[str], list[str]]:
     return model, train
 
 
-def prepare_run(args, env) -> tuple[ModelConfig, TrainConfig, dict, bool]:
+def prepare_run(args, env) -> tuple[ModelConfig, TrainConfig, dict, bool, dict | None]:
     """Resolve configs, check the bundle against the data and any existing run; returns (model cfg, train
-    cfg, bundle spec, resuming)."""
+    cfg, bundle spec, resuming, the --init-from record or None)."""
     out = Path(args.out)
+    if getattr(args, "init_from", None) and args.resume:
+        raise RunError("--init-from and --resume are mutually exclusive: --resume continues a run from its checkpoint "
+                       "(which holds the imported weights); --init-from starts a new one")
     spec = read_bundle_spec(args.tokenizer)
     layout = VocabLayout.from_dict(spec["layout"])
     manifest = read_manifest(args.data)
@@ -316,7 +328,7 @@ def prepare_run(args, env) -> tuple[ModelConfig, TrainConfig, dict, bool]:
             raise RunError(f"{args.eval_data} was tokenized with another bundle than {args.tokenizer}")
     model_over, train_over = _parse_overrides(args.set)
     has_ckpt = CheckpointManager(out).latest_step() is not None
-    resuming = False
+    resuming, init, resumed_freeze = False, None, None
     if (out / "config.json").exists():
         run = read_json(out / "config.json")
         if run.get("tokenizer_hash") != spec["hash"]:
@@ -328,16 +340,21 @@ def prepare_run(args, env) -> tuple[ModelConfig, TrainConfig, dict, bool]:
             resuming = True
             mcfg = from_dict(ModelConfig, run["model"])
             tcfg = apply_overrides(from_dict(TrainConfig, run["train"]), train_over)
+            init, resumed_freeze = run.get("init_from"), run["train"].get("freeze", "")
             if model_over:
                 raise RunError("model overrides cannot change a run being resumed")
     if not resuming:
-        mcfg = apply_overrides(model_preset(args.preset), model_over)
-        mcfg.vocab_size = layout.padded_vocab_size
-        mcfg = from_dict(ModelConfig, to_dict(mcfg))  # re-validate after overrides
         tcfg = apply_overrides(TrainConfig(), train_over)
+        if getattr(args, "init_from", None):
+            mcfg, init = init_from.plan(args.init_from, spec, tcfg, args.preset, model_over)
+        else:
+            mcfg = apply_overrides(model_preset(args.preset or "demo"), model_over)
+            mcfg.vocab_size = layout.padded_vocab_size
+            mcfg = from_dict(ModelConfig, to_dict(mcfg))  # re-validate after overrides
     tcfg.validate()
     if args.fsdp:
         tcfg.fsdp = True
+    init_from.check(tcfg, init, layout, resumed_freeze)
     if args.compile:
         tcfg.compile = args.compile
     if tcfg.seq_len > mcfg.max_seq_len:
@@ -350,10 +367,10 @@ def prepare_run(args, env) -> tuple[ModelConfig, TrainConfig, dict, bool]:
         raise ConfigError("keep_best keeps the weights with the lowest held-out loss: it needs --eval-data")
     if not resuming and env.is_main:
         (out / "best.json").unlink(missing_ok=True)  # from an earlier run that left no checkpoint
-    return mcfg, tcfg, spec, resuming
+    return mcfg, tcfg, spec, resuming, init
 
 
-def write_run_files(out: Path, mcfg: ModelConfig, tcfg: TrainConfig, spec: dict, args) -> None:
+def write_run_files(out: Path, mcfg: ModelConfig, tcfg: TrainConfig, spec: dict, args, init: dict | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     if not (out / "tokenizer" / "tokenizer.json").exists():
         tmp = out / ".tokenizer.tmp"
@@ -364,6 +381,7 @@ def write_run_files(out: Path, mcfg: ModelConfig, tcfg: TrainConfig, spec: dict,
         "format": RUN_FORMAT, "version": RUN_VERSION, "model": to_dict(mcfg), "train": to_dict(tcfg),
         "tokenizer_hash": spec["hash"], "layout": spec["layout"],
         "data": str(Path(args.data).resolve()), "eval_data": str(Path(args.eval_data).resolve()) if args.eval_data else None,
+        **({"init_from": init} if init else {}),
     })
 
 
@@ -385,10 +403,10 @@ def train(args) -> dict:
 
 def _train(args, env) -> dict:
     out = Path(args.out)
-    mcfg, tcfg, spec, resuming = prepare_run(args, env)
+    mcfg, tcfg, spec, resuming, init = prepare_run(args, env)
     layout = VocabLayout.from_dict(spec["layout"])
     if env.is_main:
-        write_run_files(out, mcfg, tcfg, spec, args)
+        write_run_files(out, mcfg, tcfg, spec, args, init)
     barrier()
     dtype = compute_dtype(tcfg, env.device)
     bound_steps = args.max_steps or tcfg.steps or (None if args.max_minutes else DEFAULT_STEPS)
@@ -402,7 +420,9 @@ def _train(args, env) -> dict:
         """The seeded starting weights, the same for every launch mode (one process, DDP, FSDP2)."""
         m = Transformer(mcfg)
         m.init_weights(seed=tcfg.seed)
-        if tcfg.code_embedding_init and not resuming:
+        if init and not resuming:  # weights of another run or an HF model; its new rows as below, rescaled
+            init_from.initialize(m, init, args.tokenizer, tcfg, log=print if env.is_main else None)
+        elif tcfg.code_embedding_init and not resuming:
             inited = init_code_embeddings(m, args.tokenizer, tcfg.seed)
             if inited and env.is_main:
                 print(f"[tessera] code embeddings initialized from codec code vectors: {', '.join(inited)}")
@@ -423,8 +443,10 @@ def _train(args, env) -> dict:
         del full
         autocast_dtype = torch.float32  # FSDP's mixed-precision policy casts instead of autocast
     else:
-        model = initial_model().to(env.device)
-        model = parallelize(model, env, compile=compiled, activation_checkpointing=tcfg.activation_checkpointing)
+        model = initial_model()
+        init_from.freeze_parameters(model, tcfg)
+        model = parallelize(model.to(env.device), env, compile=compiled,
+                            activation_checkpointing=tcfg.activation_checkpointing)
         autocast_dtype = dtype
     core = unwrap(model)
     optimizer = build_optimizer(model, tcfg, env.device)
@@ -447,6 +469,7 @@ def _train(args, env) -> dict:
         schedule = state.get("schedule")
         if env.is_main:
             print(f"[tessera] resumed {out} at step {step}")
+    init_from.freeze_rows(core, optimizer, init, layout, tcfg)
 
     # The average starts from the weights above (a resumed run without one starts it at the resumed weights).
     ema = WeightEMA(model, tcfg.ema_decay) if tcfg.ema_decay else None
@@ -654,12 +677,15 @@ def _train(args, env) -> dict:
 
 # ------------------------------------------------------------------------------------------------ CLI
 def add_pretrain_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", default="demo", help="model preset: tiny, demo, small, 1b, 7b")
+    p.add_argument("--preset", help="model preset: tiny, demo (the default), small, 1b, 7b")
     p.add_argument("--tokenizer", required=True, metavar="BUNDLE")
     p.add_argument("--data", required=True, metavar="SHARDS")
     p.add_argument("--eval-data", metavar="SHARDS", help="held-out shards for periodic per-modality loss")
     p.add_argument("--out", required=True, metavar="RUN")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    p.add_argument("--init-from", metavar="PATH",
+                   help="start from the weights of a tessera run, or of a local Hugging Face Llama, Qwen2 or Qwen3 "
+                        "directory (safetensors), with a new optimizer, schedule and loader")
     add_budget_arguments(p)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a training key (lr=1e-3) or a model key (model.dim=512)")
