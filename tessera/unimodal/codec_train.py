@@ -499,8 +499,11 @@ class CodecRun:
                     self.metrics.log(n, **recipe.record_tags, nan_skip=1, nan_skips=self.nan_skips,
                                      bad_loss=float(loss.detach()), bad_grad_norm=float(grad_norm))
                     if bad_run >= tcfg.max_nan_skips:
-                        stop_error = (f"{bad_run} non-finite steps in a row at step {n}; stopping. The last good "
-                                      f"checkpoint ({self.ckpt.latest_step()}) is kept; lower lr or check the data.")
+                        kept = self.ckpt.latest_step()
+                        stop_error = (f"{bad_run} non-finite steps in a row at step {n}; stopping. "
+                                      + (f"The last good checkpoint ({kept}) is kept" if kept is not None
+                                         else "No checkpoint was written yet")
+                                      + "; lower lr or check the data.")
                 else:
                     bad_run = 0
                     logs["loss"], logs["grad_norm"] = loss.detach(), grad_norm
