@@ -1,6 +1,7 @@
-"""Deterministic codecs that implement the codec protocol with arithmetic instead of networks.
+"""Deterministic codecs that implement the codec protocol with arithmetic instead of networks, and small
+helpers the tests share.
 
-They let the span logic of the multimodal tokenizer be tested exactly: `encode(decode(codes)) == codes`.
+The codecs let the span logic of the multimodal tokenizer be tested exactly: `encode(decode(codes)) == codes`.
 """
 
 from __future__ import annotations
@@ -91,3 +92,57 @@ def step_clock(monkeypatch, module, per_step: str, seconds_per_step: float = 0.1
     monkeypatch.setattr(monitor, "time", types.SimpleNamespace(
         monotonic=lambda: seconds_per_step * steps["n"], time=time.time, strftime=time.strftime, gmtime=time.gmtime))
     return steps, bars
+
+
+# ------------------------------------------------------------------------- tiny codec training runs
+# Both codecs at a size that trains several steps a second on one CPU core (see tests/test_codec_train.py);
+# the tiny presets evaluate and checkpoint every 250 steps or more, so these runs do both at their end only.
+CODEC_MICRO = {
+    "image": ["channels=8", "channel_mult=1,1,2,2", "num_res_blocks=1", "z_channels=16", "norm_groups=4",
+              "image_size=16", "batch_size=4", "warmup_steps=2", "log_every=1", "cache_mb=64", "eval_images=4",
+              "sample_images=2"],
+    "audio": ["channels=4", "max_channels=16", "dim=16", "lstm_layers=0", "batch_size=4", "crop_seconds=0.32",
+              "init_vectors=256", "eval_clips=3", "log_every=1", "max_clip_seconds=1.0", "ae_warmup_steps=1"],
+}
+
+
+def write_image_folder(d, n: int, seed: int = 0, size: int = 24):
+    """`n` smooth random color PNGs (blobs on white) in `d`."""
+    import numpy as np
+    from PIL import Image
+
+    d.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size]
+    for i in range(n):
+        a = np.full((size, size, 3), 255.0)
+        for _ in range(3):
+            cx, cy, r = rng.uniform(0, size), rng.uniform(0, size), rng.uniform(3, 8)
+            m = np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / (2 * r * r))[..., None]
+            a = a * (1 - m) + m * rng.uniform(0, 255, 3)
+        Image.fromarray(a.clip(0, 255).astype(np.uint8)).save(d / f"{i:03d}.png")
+    return d
+
+
+def write_speech_folder(d, n: int, seed: int = 0, sample_rate: int = 16000):
+    """`n` speech-like WAVs (harmonic chirps with an envelope, 0.3 to 0.85 s) in `d`."""
+    import numpy as np
+    import soundfile as sf
+
+    d.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        t = np.arange(int(sample_rate * (0.3 + 0.05 * (i % 12)))) / sample_rate
+        f = 140.0 * (1 + 0.3 * np.sin(2 * np.pi * 1.5 * t + i))
+        ph = 2 * np.pi * np.cumsum(f) / sample_rate
+        w = sum(np.sin(k * ph) / k for k in range(1, 6)) * (0.5 + 0.5 * np.sin(2 * np.pi * 3 * t)) ** 2
+        w = 0.3 * w / np.abs(w).max() + 0.01 * rng.standard_normal(len(t))
+        sf.write(d / f"clip_{i:02d}.wav", w.astype(np.float32), sample_rate, subtype="PCM_16")
+    return d
+
+
+def codec_train_argv(kind: str, data, out, *extra: str) -> list[str]:
+    """`tessera tokenizer train KIND` on CPU with the micro settings; `extra` are more flags."""
+    sets = [a for s in CODEC_MICRO[kind] for a in ("--set", s)]
+    return ["tokenizer", "train", kind, "--data", str(data), "--out", str(out), "--no-progress", "--device", "cpu",
+            *sets, *extra]

@@ -319,6 +319,8 @@ def test_ddp_two_cpu_processes_keep_identical_codebooks(image_data, tmp_path):
     sums = summary["rank_checksums"]
     assert len(sums) == 2 and sums[0]["quantizer"] == sums[1]["quantizer"] and sums[0]["model"] == sums[1]["model"]
     assert summary["ranks_in_sync"] is True
+    state = json.loads((tmp_path / "ddp" / "checkpoints" / "step_000004" / "state.json").read_text())
+    assert set(state["rng"]) == {"0", "1"} and set(state["ranks"]) == {"0", "1"}  # every rank's RNG
     codec = ImageCodec.load(tmp_path / "ddp")
     assert codec.config.quantizer == "vq"
 
@@ -381,9 +383,9 @@ def test_a_time_budget_alone_sizes_the_lr_schedule_and_the_bar(image_data, tmp_p
     makes every step take 100 ms: 1.2 s fit 12 steps), and the summary records the plan."""
     from fixtures import step_clock
 
-    from tessera.unimodal import image_train
+    from tessera.unimodal import codec_train
 
-    steps, bars = step_clock(monkeypatch, image_train, "wsd_factor")
+    steps, bars = step_clock(monkeypatch, codec_train, "wsd_factor")
     run = tmp_path / "timed"
     assert cli(["tokenizer", "train", "image", "--data", str(image_data), "--out", str(run), "--max-minutes", "0.02",
                 "--no-progress", *[a for s in MICRO_SET for a in ("--set", s)], "--set", "warmup_steps=50",

@@ -116,6 +116,9 @@ def wsd_factor(step: int, frac: float, warmup_steps: int, cooldown: float) -> fl
     return warm * max(0.0, (1.0 - frac) / cooldown)
 
 
+DEFAULT_STEPS = 1000  # the steps of a training run with neither --max-steps nor --max-minutes (every trainer)
+
+
 def add_budget_arguments(p) -> None:
     """`--max-steps` and `--max-minutes`, the bounds every trainer takes, with the planning rule in their help."""
     p.add_argument("--max-steps", type=int, default=None, help="stop at this step (also the lr schedule's length)")

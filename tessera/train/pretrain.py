@@ -54,14 +54,13 @@ from tessera.train.distributed import all_reduce, barrier, destroy_distributed, 
 from tessera.train.ema import WeightEMA
 from tessera.train.loader import IGNORE, LoaderConfig, PackedLoader, parse_mix
 from tessera.train.mfu import peak_flops
-from tessera.train.monitor import MetricsLogger, Progress, RunBudget, add_budget_arguments
+from tessera.train.monitor import DEFAULT_STEPS, MetricsLogger, Progress, RunBudget, add_budget_arguments
 from tessera.train.parallel import (full_model_state, full_optimizer_state, load_full_model_state,
                                     load_full_optimizer_state, parallelize, unwrap)
 from tessera.train.shards import read_manifest
 
 RUN_FORMAT = "tessera-run"
 RUN_VERSION = 1
-DEFAULT_STEPS = 1000  # a run with neither --max-steps nor --max-minutes
 
 
 @dataclass

@@ -11,17 +11,19 @@
   `cooldown` fraction of the planned steps (warmup-stable-decay): `--max-steps`, or with `--max-minutes`
   the steps that fit at the measured throughput (re-planned if it drifts), so a `--max-minutes` run ends
   cooled down too; the warmup then takes at most a tenth of the plan.
-- bf16 autocast on GPUs that support it (`amp=auto`); CPU runs in fp32. The quantizer is always fp32.
-- DDP: the autoencoder and the discriminator are wrapped separately with `broadcast_buffers=False`; the
-  VQ codebook's EMA statistics and dead-code replacement are all-reduced by the quantizer itself
-  (`sync_codebook`), so the codebooks stay identical on every rank without a broadcast; FSQ has no state.
+- The loop, shared with the audio codec, is `tessera.unimodal.codec_train`: resume, the run budget, bf16
+  autocast on GPUs that support it (`dtype=auto`; CPU runs in fp32; the quantizer is always fp32), DDP,
+  skipped non-finite steps, checkpoints. Under DDP the VQ codebook's EMA statistics and dead-code
+  replacement are all-reduced by the quantizer itself (`sync_codebook`), so the codebooks stay identical on
+  every rank without a broadcast; FSQ has no state.
 - Every `eval_every` steps and at the end, rank 0 scores the held-out split (PSNR, SSIM, codebook usage,
   code perplexity) into metrics.jsonl and writes samples/step_N.png (originals above reconstructions).
 - Checkpoints are atomic (`CheckpointManager`); each one also refreshes the codec directory (codec.json +
   model.safetensors), so the output directory is always a usable codec. `--resume` continues from the
-  latest checkpoint: same step, same data order, same optimizer and RNG state.
+  latest checkpoint: same step, same data order, same optimizer and RNG state (every rank's).
 - Bad files (corrupt, truncated, too small for one token, over the pixel cap) are skipped, counted once
-  per file, and reported at the end and in train_summary.json.
+  per file, and reported at the end and in train_summary.json. A batch with no readable image skips its
+  step on every rank; `max_empty_batches` of them in a row stop the run with an error.
 
 Output: OUT/codec.json, OUT/model.safetensors, OUT/checkpoints/, OUT/metrics.jsonl, OUT/samples/,
 OUT/train_summary.json.
@@ -31,33 +33,15 @@ from __future__ import annotations
 
 import hashlib
 import math
-import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tessera.config import ConfigError, apply_overrides, from_dict, preset, to_dict
-from tessera.config import split_overrides as _split_overrides
-from tessera.storage import atomic_write_json
-from tessera.train.checkpoint import (
-    CheckpointManager,
-    capture_rng,
-    flatten_optimizer_state,
-    restore_rng,
-    unflatten_optimizer_state,
-)
-from tessera.train.distributed import (
-    all_gather_object,
-    all_reduce,
-    barrier,
-    destroy_distributed,
-    init_distributed,
-    seed_everything,
-)
-from tessera.train.monitor import MetricsLogger, Progress, RunBudget, add_budget_arguments, wsd_factor
+from tessera.config import ConfigError, apply_overrides, preset
+from tessera.train.distributed import all_gather_object, all_reduce
+from tessera.unimodal.codec_train import CodecRecipe, CodecTrainConfig, add_codec_train_arguments, train_codec
 from tessera.unimodal.image import ImageCodec, ImageCodecConfig, image_preset
 from tessera.unimodal.image_data import (
     InfiniteBatchSampler,
@@ -73,49 +57,39 @@ from tessera.unimodal.media import DEFAULT_MAX_PIXELS, SkipLog
 
 
 @dataclass
-class ImageTrainConfig:
+class ImageTrainConfig(CodecTrainConfig):
+    """The shared keys (`CodecTrainConfig`: batch_size, lr, betas, weight_decay, warmup_steps, cooldown,
+    grad_clip, disc_lr, dtype, log_every, eval_every, ckpt_every, keep_checkpoints, max_nan_skips,
+    max_empty_batches, seed) with the image codec's defaults, and the image codec's own."""
+
     batch_size: int = 32  # per process
-    lr: float = 1e-4
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
-    weight_decay: float = 0.0
     warmup_steps: int = 500
-    cooldown: float = 0.1  # last fraction of the run over which the lr decays linearly to 0; 0: none
-    grad_clip: float = 1.0  # 0: off
+    log_every: int = 20
     # losses
     rec_loss: str = "l1"  # "l1" or "l2"
     rec_weight: float = 1.0
     ssim_weight: float = 0.2
     disc_weight: float = 0.5  # times the adaptive weight; 0 switches the GAN off
-    disc_start: int = 20000  # generator and discriminator GAN steps begin here
+    disc_start: int = 20000  # generator and discriminator GAN steps begin after this many steps
     feat_weight: float = 0.1  # discriminator feature matching; needs the GAN
     disc_channels: int = 64
     disc_layers: int = 3
-    disc_lr: float = 1e-4
     # data
     crop_scale: list[float] = field(default_factory=lambda: [0.5, 1.0])  # random resized crop, area fraction
     flip: bool = True
     max_pixels: int = DEFAULT_MAX_PIXELS  # larger images are refused before decoding
     cache_mb: float = 1024.0  # decoded images kept in memory, per data worker
-    # run
-    amp: str = "auto"  # "auto" (bf16 where the GPU supports it), "bf16" or "off"
-    log_every: int = 20
-    eval_every: int = 1000
-    ckpt_every: int = 1000
-    keep_checkpoints: int = 2
+    # evaluation
     eval_images: int = 256  # held-out images scored at each evaluation
     eval_fraction: float = 0.02  # of the files, when there is no separate held-out set
     sample_images: int = 8  # originals/reconstructions in each samples/step_N.png
-    seed: int = 0
 
     def validate(self) -> "ImageTrainConfig":
+        super().validate()
         if self.rec_loss not in ("l1", "l2"):
             raise ConfigError(f"rec_loss must be 'l1' or 'l2', got {self.rec_loss!r}")
-        if self.amp not in ("auto", "bf16", "off"):
-            raise ConfigError(f"amp must be 'auto', 'bf16' or 'off', got {self.amp!r}")
         if len(self.crop_scale) != 2 or not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
             raise ConfigError(f"crop_scale must be two numbers 0 < lo <= hi <= 1, got {self.crop_scale}")
-        if self.batch_size < 1 or not 0 <= self.cooldown <= 1:
-            raise ConfigError("batch_size must be >= 1 and cooldown in [0, 1]")
         return self
 
 
@@ -169,7 +143,7 @@ class PatchDiscriminator(nn.Module):
 # ---------------------------------------------------------------------------------------------- configs
 def split_overrides(overrides: list[str] | None) -> tuple[list[str], list[str]]:
     """Route `key=value` overrides to the codec config or the training config; unknown keys are errors."""
-    return _split_overrides(overrides, ImageCodecConfig, ImageTrainConfig, "image codec has no key {key}")
+    return ImageRecipe(None).split_overrides(overrides)
 
 
 def resolve_configs(preset_name: str, overrides: list[str] | None) -> tuple[ImageCodecConfig, ImageTrainConfig]:
@@ -189,198 +163,102 @@ def state_checksum(module: nn.Module) -> str:
 
 
 # -------------------------------------------------------------------------------------------- training
-def train_image_codec(data, out, *, preset_name: str | None = None, overrides: list[str] | None = None,
-                      eval_data=None, max_steps: int | None = None, max_minutes: float | None = None,
-                      resume: bool = False, device: str | None = None, workers: int = 0,
-                      progress: bool = True) -> dict:
-    """Train (or resume) an image codec into `out`; returns the summary also written to train_summary.json."""
-    joined = torch.distributed.is_initialized()  # a caller's process group is left as it was found
-    env = init_distributed(device)
-    try:
-        return _train(env, data, Path(out), preset_name, overrides, eval_data, max_steps, max_minutes, resume,
-                      workers, progress)
-    finally:
-        if not joined:
-            destroy_distributed()
+class ImageRecipe(CodecRecipe):
+    """The image codec's pieces for `train_codec`: files, crops, the reconstruction + SSIM + GAN losses."""
 
+    name = "image codec"
+    model_config = ImageCodecConfig
+    train_config = ImageTrainConfig
+    train_presets = TRAIN_PRESETS
+    unknown_key = "image codec has no key {key}"
+    throughput_key = "images_per_s"
 
-def _train(env, data, out: Path, preset_name, overrides, eval_data, max_steps, max_minutes, resume, workers,
-           progress) -> dict:
-    dev, main = env.device, env.is_main
-    ckpt = CheckpointManager(out, keep=2)
-    latest = ckpt.latest_step()
-    state: dict = {}
-    tensors: dict = {}
-    if latest is not None and not resume:
-        raise FileExistsError(f"{out} already holds a training run (step {latest}); pass --resume to continue it "
-                              "or choose another --out")
-    if latest is None and (out / "codec.json").exists() and not resume:
-        raise FileExistsError(f"{out} already holds a codec; choose another --out")
-    if resume and latest is not None:
-        tensors, state = ckpt.load(device="cpu")
-        mcfg = from_dict(ImageCodecConfig, state["model_config"])
-        tcfg = from_dict(ImageTrainConfig, state["train_config"])
-        if preset_name is not None and preset_name != state.get("preset"):
-            raise ConfigError(f"{out} was trained with preset {state.get('preset')!r}, not {preset_name!r}")
-        m_ov, t_ov = split_overrides(overrides)
-        if apply_overrides(mcfg, m_ov) != mcfg:
-            raise ConfigError(f"the codec's architecture cannot change on resume ({', '.join(m_ov)})")
-        tcfg = apply_overrides(tcfg, t_ov).validate()  # training keys (lr, eval_every, ...) may change
-        preset_name = state.get("preset", "tiny")
-    else:
-        preset_name = preset_name or "tiny"
-        mcfg, tcfg = resolve_configs(preset_name, overrides)
-    ckpt.keep = tcfg.keep_checkpoints
-    start_step = int(state.get("step", 0))
-    f = mcfg.downsample
+    def __init__(self, data, eval_data=None, workers: int = 0):
+        self.data, self.eval_data, self.workers = data, eval_data, workers
+
+    def codec_preset(self, name: str) -> ImageCodecConfig:
+        return image_preset(name)
 
     # ---- data
-    skips = SkipLog()
-    train_files, eval_files, split_how = find_splits(data, eval_data, tcfg.eval_fraction, tcfg.eval_images, skips)
-    eval_skips = SkipLog()
-    eval_x = None
-    if main:
-        eval_x, _ = load_eval_images(eval_files, mcfg.image_size, f, tcfg.max_pixels, eval_skips)
-    dataset = TrainImages(train_files, mcfg.image_size, f, crop_scale=tuple(tcfg.crop_scale), flip=tcfg.flip,
-                          max_pixels=tcfg.max_pixels, cache_mb=tcfg.cache_mb, seed=tcfg.seed + 7919 * env.rank)
-    if "dataset_rng" in state and workers == 0 and main:
-        r = state["dataset_rng"]
-        dataset.rng.setstate((r[0], tuple(r[1]), r[2]))
-    batches_seen = int(state.get("batches_seen", 0))
-    sampler = InfiniteBatchSampler(len(dataset), tcfg.batch_size, tcfg.seed, env.rank, env.world_size,
-                                   start=batches_seen)
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_sampler=sampler, collate_fn=collate, num_workers=workers, persistent_workers=workers > 0,
-        worker_init_fn=seed_worker if workers > 0 else None, pin_memory=dev.type == "cuda",
-        generator=torch.Generator().manual_seed(tcfg.seed + 1000 * env.rank + start_step),
-    )
-    seen_bad: dict[str, tuple[str, str]] = {p: tuple(v) for p, v in state.get("bad_files", {}).items()}
+    def setup(self, run) -> None:
+        mcfg, tcfg, env, state = run.mcfg, run.tcfg, run.env, run.state
+        f = mcfg.downsample
+        self.skips = SkipLog()
+        self.train_files, self.eval_files, self.split_how = find_splits(
+            self.data, self.eval_data, tcfg.eval_fraction, tcfg.eval_images, self.skips)
+        self.eval_skips = SkipLog()
+        self.eval_x = None
+        if run.main:
+            self.eval_x, _ = load_eval_images(self.eval_files, mcfg.image_size, f, tcfg.max_pixels, self.eval_skips)
+        self.dataset = TrainImages(self.train_files, mcfg.image_size, f, crop_scale=tuple(tcfg.crop_scale),
+                                   flip=tcfg.flip, max_pixels=tcfg.max_pixels, cache_mb=tcfg.cache_mb,
+                                   seed=tcfg.seed + 7919 * env.rank)
+        self.batches_seen = int(state.get("batches_seen", 0))
+        sampler = InfiniteBatchSampler(len(self.dataset), tcfg.batch_size, tcfg.seed, env.rank, env.world_size,
+                                       start=self.batches_seen)
+        loader = torch.utils.data.DataLoader(
+            self.dataset, batch_sampler=sampler, collate_fn=collate, num_workers=self.workers,
+            persistent_workers=self.workers > 0, worker_init_fn=seed_worker if self.workers > 0 else None,
+            pin_memory=run.device.type == "cuda",
+            generator=torch.Generator().manual_seed(tcfg.seed + 1000 * env.rank + run.start_step),
+        )
+        self.batches = iter(loader)
+        self.seen_bad: dict[str, tuple[str, str]] = {p: tuple(v) for p, v in state.get("bad_files", {}).items()}
 
-    # ---- model, discriminator, optimizers
-    seed_everything(tcfg.seed)  # the same initial weights on every rank (DDP would broadcast them anyway)
-    model = ImageCodec(mcfg, sync_codebook=env.is_distributed).to(dev)
-    use_gan = tcfg.disc_weight > 0
-    disc = PatchDiscriminator(tcfg.disc_channels, tcfg.disc_layers).to(dev) if use_gan else None
-    opt_g = torch.optim.AdamW(model.parameters(), lr=tcfg.lr, betas=tuple(tcfg.betas), weight_decay=tcfg.weight_decay,
-                              fused=True)
-    opt_d = (torch.optim.AdamW(disc.parameters(), lr=tcfg.disc_lr, betas=tuple(tcfg.betas),
-                               weight_decay=tcfg.weight_decay, fused=True) if use_gan else None)
-    if tensors:
-        model.load_state_dict(tensors["model"])
-        opt_g.load_state_dict(unflatten_optimizer_state(tensors["opt_g"], state["opt_g"]))
-        if use_gan and "disc" in tensors:
-            disc.load_state_dict(tensors["disc"])
-            opt_d.load_state_dict(unflatten_optimizer_state(tensors["opt_d"], state["opt_d"]))
-    if tensors and main and "rng" in tensors:
-        restore_rng(tensors["rng"], state["rng"])
-    else:
-        seed_everything(tcfg.seed + 1000 * env.rank + start_step)
-    del tensors
+    def load_rank_state(self, run, state: dict) -> None:
+        r = state.get("dataset_rng")
+        if r is not None and self.workers == 0:
+            self.dataset.rng.setstate((r[0], tuple(r[1]), r[2]))
 
-    amp = tcfg.amp == "bf16" or (tcfg.amp == "auto" and dev.type == "cuda" and torch.cuda.is_bf16_supported())
-    if dev.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-        torch.backends.cudnn.benchmark = True
-    g_model, d_model = model, disc
-    if env.is_distributed:
-        from torch.nn.parallel import DistributedDataParallel as DDP
+    def rank_state(self, run) -> dict:
+        if self.workers > 0:  # the crops' RNG lives in the workers
+            return {}
+        r = self.dataset.rng.getstate()
+        return {"dataset_rng": [r[0], list(r[1]), r[2]]}
 
-        ids = [dev.index] if dev.type == "cuda" else None
-        g_model = DDP(model, device_ids=ids, broadcast_buffers=False)
-        if use_gan:
-            d_model = DDP(disc, device_ids=ids, broadcast_buffers=False)
+    def describe(self, run) -> str:
+        m = run.mcfg
+        return (f"f={m.downsample}, {m.codebook_size} codes ({m.quantizer}); {len(self.train_files)} training files, "
+                f"{0 if self.eval_x is None else len(self.eval_x)} held-out ({self.split_how})")
 
-    # ---- bookkeeping
-    budget = RunBudget(max_steps=max_steps, max_minutes=max_minutes, start_step=start_step)
-    metrics = MetricsLogger(out, enabled=main, resume_step=start_step if state else None)
-    bar = Progress(budget, start_step=start_step, desc="image codec", enabled=main and progress)
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-        bar.write(f"image codec: preset {preset_name}, {model.num_parameters() / 1e6:.2f}M parameters, "
-                  f"f={f}, {mcfg.codebook_size} codes ({mcfg.quantizer}); {len(train_files)} training files, "
-                  f"{0 if eval_x is None else len(eval_x)} held-out ({split_how}); batch {tcfg.batch_size} x "
-                  f"{env.world_size} process(es) on {dev}{', bf16' if amp else ''}"
-                  + (f"; resuming at step {start_step}" if state else ""))
-        if max_steps is None and max_minutes is None:
-            bar.write("no --max-steps or --max-minutes: training until interrupted (Ctrl-C saves a checkpoint); "
-                      "the lr does not cool down")
+    def build_model(self, run) -> nn.Module:
+        return ImageCodec(run.mcfg, sync_codebook=run.env.is_distributed)
 
-    def note_skips(batch_skips):
+    def build_discriminator(self, run) -> nn.Module | None:
+        t = run.tcfg
+        return PatchDiscriminator(t.disc_channels, t.disc_layers) if t.disc_weight > 0 else None
+
+    # ---- a step
+    def note_skips(self, run, batch_skips) -> None:
         for s in batch_skips:
-            if s.path not in seen_bad:
-                seen_bad[s.path] = (s.reason, s.message)
-                n_reason = sum(1 for r, _ in seen_bad.values() if r == s.reason)
+            if s.path not in self.seen_bad:
+                self.seen_bad[s.path] = (s.reason, s.message)
+                n_reason = sum(1 for r, _ in self.seen_bad.values() if r == s.reason)
                 if n_reason <= 3:
-                    bar.write(f"skipped {s.message}")
+                    run.log(f"skipped {s.message}")
                 elif n_reason == 4:
-                    bar.write(f"(further '{s.reason}' skips are counted, not shown)")
+                    run.log(f"(further '{s.reason}' skips are counted, not shown)")
 
-    def gathered_bad() -> dict:
-        merged: dict = {}
-        for part in all_gather_object(seen_bad):
-            merged.update(part)
-        return merged
-
-    def evaluate(step: int) -> dict | None:
-        res = None
-        if main and eval_x is not None and len(eval_x):
-            res = evaluate_codec(model, eval_x, batch_size=64, keep=tcfg.sample_images)
-            n = min(tcfg.sample_images, len(eval_x))
-            if n:
-                save_grid(eval_x[:n], res["recon"][:n], out / "samples" / f"step_{step:06d}.png")
-            res = {k: v for k, v in res.items() if k not in ("recon", "counts")}
-            metrics.log(step, **{f"eval/{k}": v for k, v in res.items()})
-            bar.write(f"step {step}: held-out PSNR {res['psnr']:.2f} dB, SSIM {res['ssim']:.3f}, "
-                      f"codebook usage {100 * res['codebook_usage']:.1f}%, perplexity {res['perplexity']:.1f}")
-        barrier()
-        return res
-
-    def save(step: int) -> None:
-        bad = gathered_bad()
-        if main:
-            t_g, m_g = flatten_optimizer_state(opt_g.state_dict())
-            rng_t, rng_m = capture_rng()
-            tens = {"model": model.state_dict(), "opt_g": t_g, "rng": rng_t}
-            st = {"preset": preset_name, "model_config": to_dict(mcfg), "train_config": to_dict(tcfg),
-                  "opt_g": m_g, "rng": rng_m, "batches_seen": batches_seen, "world_size": env.world_size,
-                  "bad_files": {p: list(v) for p, v in bad.items()}}
-            if workers == 0:
-                st["dataset_rng"] = [dataset.rng.getstate()[0], list(dataset.rng.getstate()[1]),
-                                     dataset.rng.getstate()[2]]
-            if use_gan:
-                t_d, m_d = flatten_optimizer_state(opt_d.state_dict())
-                tens.update(disc=disc.state_dict(), opt_d=t_d)
-                st["opt_d"] = m_d
-            ckpt.save(step, tens, st)
-            model.save(out)  # the codec directory: always the latest checkpoint's weights
-        barrier()
-
-    # ---- loop
-    step = start_step
-    data_iter = iter(loader)
-    t_log, n_img_log = time.monotonic(), 0
-    sums: dict[str, float] = {}
-    last_eval = last_save = None
-    last_eval_res = None
-    model.train()
-    if disc is not None:
-        disc.train()
-    while not budget.should_stop(step):
-        batch, batch_skips = next(data_iter)
-        batches_seen += 1
-        note_skips(batch_skips)
+    def next_batch(self, run, step: int) -> torch.Tensor | None:
+        batch, batch_skips = next(self.batches)
+        self.batches_seen += 1
+        self.note_skips(run, batch_skips)
         if batch is None:
-            continue
-        x = batch.to(dev, non_blocking=True).float().div_(127.5).sub_(1.0)  # [-1, 1]
+            return None
+        return batch.to(run.device, non_blocking=True).float().div_(127.5).sub_(1.0)  # [-1, 1]
 
-        lr_f = wsd_factor(step, budget.fraction(step), budget.warmup(tcfg.warmup_steps), tcfg.cooldown)
-        for g in opt_g.param_groups:
-            g["lr"] = tcfg.lr * lr_f
+    def empty_hint(self, run) -> str:
+        counts: dict[str, int] = {}
+        for reason, _ in self.seen_bad.values():
+            counts[reason] = counts.get(reason, 0) + 1
+        seen = ", ".join(f"{k}={v}" for k, v in sorted(counts.items()))
+        return (f"{len(self.seen_bad)} of the {len(self.train_files)} training files could not be used so far"
+                + (f" ({seen})" if seen else "") + f"; check {self.data}")
 
-        # generator step
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
-            recon, _, aux = g_model(x)
+    def generator_loss(self, run, x, step):
+        tcfg, model, disc = run.tcfg, run.model, run.disc
+        with run.autocast():
+            recon, _, aux = run.g_model(x)
         recon = recon.float()
         rec = F.l1_loss(recon, x) if tcfg.rec_loss == "l1" else F.mse_loss(recon, x)
         nll = tcfg.rec_weight * rec
@@ -392,114 +270,108 @@ def _train(env, data, out: Path, preset_name, overrides, eval_data, max_steps, m
         loss = nll + aux
         if model.config.quantizer == "vq":
             logs["commit"] = aux.detach()
-        gan_on = use_gan and step >= tcfg.disc_start
-        if gan_on:
-            disc.requires_grad_(False)
-            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
-                logits_fake, feats_fake = disc(recon)
-            g_adv = hinge_g_loss(logits_fake.float())
-            d_weight = tcfg.disc_weight * adaptive_weight(nll, g_adv, model.last_layer)
-            d_weight = all_reduce(d_weight.reshape(1).clone()) / env.world_size  # one weight on every rank
-            loss = loss + d_weight[0] * g_adv
-            logs.update(g_adv=g_adv.detach(), d_weight=d_weight[0])
-            if tcfg.feat_weight > 0:
-                with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
-                    _, feats_real = disc(x)
-                fm = feature_matching_loss(feats_real, feats_fake)
-                loss = loss + tcfg.feat_weight * fm
-                logs["feat"] = fm.detach()
-        opt_g.zero_grad(set_to_none=True)
-        loss.backward()
-        if tcfg.grad_clip > 0:
-            logs["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
-        opt_g.step()
+        if disc is None or step <= tcfg.disc_start:
+            return loss, logs, None
+        disc.requires_grad_(False)
+        with run.autocast():
+            logits_fake, feats_fake = disc(recon)
+        g_adv = hinge_g_loss(logits_fake.float())
+        d_weight = tcfg.disc_weight * adaptive_weight(nll, g_adv, model.last_layer)
+        d_weight = all_reduce(d_weight.reshape(1).clone()) / run.env.world_size  # one weight on every rank
+        loss = loss + d_weight[0] * g_adv
+        logs.update(g_adv=g_adv.detach(), d_weight=d_weight[0])
+        if tcfg.feat_weight > 0:
+            with torch.no_grad(), run.autocast():
+                _, feats_real = disc(x)
+            fm = feature_matching_loss(feats_real, feats_fake)
+            loss = loss + tcfg.feat_weight * fm
+            logs["feat"] = fm.detach()
+        return loss, logs, (x, recon.detach())
 
-        # discriminator step (real and generated in one batch: one DDP forward, one all-reduce)
-        if gan_on:
-            disc.requires_grad_(True)
-            for g in opt_d.param_groups:
-                g["lr"] = tcfg.disc_lr * lr_f
-            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
-                logits, _ = d_model(torch.cat([x, recon.detach()]))
-            l_real, l_fake = logits.float().chunk(2)
-            d_loss = hinge_d_loss(l_real, l_fake)
-            opt_d.zero_grad(set_to_none=True)
-            d_loss.backward()
-            opt_d.step()
-            logs["d_loss"] = d_loss.detach()
+    def discriminator_loss(self, run, carry, step):
+        """Real and generated images in one batch: one DDP forward, one all-reduce."""
+        x, recon = carry
+        run.disc.requires_grad_(True)
+        with run.autocast():
+            logits, _ = run.d_model(torch.cat([x, recon]))
+        l_real, l_fake = logits.float().chunk(2)
+        d_loss = hinge_d_loss(l_real, l_fake)
+        return d_loss, {"d_loss": d_loss.detach()}
 
-        step += 1
-        budget.plan(step)
-        logs["loss"] = loss.detach()
-        for k, v in logs.items():
-            sums[k] = sums.get(k, 0.0) + float(v)
-        n_img_log += x.shape[0] * env.world_size
-        if step % tcfg.log_every == 0 or step == 1:
-            dt = max(1e-9, time.monotonic() - t_log)
-            n_steps = tcfg.log_every if step % tcfg.log_every == 0 else 1
-            avg = {k: v / n_steps for k, v in sums.items()}
-            if main:
-                metrics.log(step, **{f"train/{k}": v for k, v in avg.items()}, lr=tcfg.lr * lr_f,
-                            images_per_s=n_img_log / dt, planned_steps=budget.planned_steps)
-            bar.update(step, loss=avg["loss"], rec=avg["rec"], **{"img/s": f"{n_img_log / dt:.1f}"})
-            sums, t_log, n_img_log = {}, time.monotonic(), 0
-        else:
-            bar.update(step)
-        if step % tcfg.eval_every == 0:
-            last_eval_res, last_eval = evaluate(step), step
-            model.train()
-        if step % tcfg.ckpt_every == 0:
-            save(step)
-            last_save = step
+    def postfix(self, avg: dict, rate: float) -> dict:
+        return {"loss": avg["loss"], "rec": avg["rec"], "img/s": f"{rate:.1f}"}
 
-    # ---- end: final eval and checkpoint, skip report
-    bar.close()
-    if last_eval != step:
-        last_eval_res = evaluate(step)
-    if last_save != step:
-        save(step)
-    bad = gathered_bad()
-    for _, (reason, msg) in sorted(bad.items()):
-        skips.add(reason, msg)
-    skips.merge(eval_skips)
-    # Every rank must end with the same weights and the same codebook (DDP + the quantizer's own sync).
-    sums_by_rank = all_gather_object({"model": state_checksum(model), "quantizer": state_checksum(model.quantizer)})
-    in_sync = all(c == sums_by_rank[0] for c in sums_by_rank)
-    if main and not in_sync:
-        print("warning: model or codebook state differs across ranks; this is a bug, please report it")
-    summary = {"step": step, "stopped_by": budget.reason, "planned_steps": budget.planned_steps,
-               "minutes": round(budget.elapsed / 60, 2),
-               "preset": preset_name, "eval": last_eval_res, "skipped": skips.to_dict(),
-               "train_files": len(train_files), "eval_files": len(eval_files), "split": split_how,
-               "world_size": env.world_size, "ranks_in_sync": in_sync, "rank_checksums": sums_by_rank}
-    if main:
-        atomic_write_json(out / "train_summary.json", summary)
-        metrics.close()
-        ev = last_eval_res or {}
-        print(f"image codec -> {out}: step {step} after {summary['minutes']} min ({budget.stop_message()})"
+    # ---- evaluation, checkpoints, the end
+    def evaluate(self, run, step: int) -> dict | None:
+        """Rank 0 scores the held-out images and writes samples/step_N.png (originals above reconstructions)."""
+        eval_x, tcfg = self.eval_x, run.tcfg
+        if not run.main or eval_x is None or not len(eval_x):
+            return None
+        res = evaluate_codec(run.model, eval_x, batch_size=64, keep=tcfg.sample_images)
+        n = min(tcfg.sample_images, len(eval_x))
+        if n:
+            save_grid(eval_x[:n], res["recon"][:n], run.out / "samples" / f"step_{step:06d}.png")
+        res = {k: v for k, v in res.items() if k not in ("recon", "counts")}
+        run.metrics.log(step, **{f"eval/{k}": v for k, v in res.items()})
+        run.log(f"step {step}: held-out PSNR {res['psnr']:.2f} dB, SSIM {res['ssim']:.3f}, "
+                f"codebook usage {100 * res['codebook_usage']:.1f}%, perplexity {res['perplexity']:.1f}")
+        return res
+
+    def gathered_bad(self) -> dict:
+        merged: dict = {}
+        for part in all_gather_object(self.seen_bad):
+            merged.update(part)
+        return merged
+
+    def checkpoint_state(self, run) -> dict:
+        bad = self.gathered_bad()
+        return {"batches_seen": self.batches_seen, "bad_files": {p: list(v) for p, v in bad.items()}}
+
+    def save_codec(self, run) -> None:
+        run.model.save(run.out)  # the codec directory: always the latest checkpoint's weights
+
+    def summarize(self, run, summary: dict) -> dict:
+        for _, (reason, msg) in sorted(self.gathered_bad().items()):
+            self.skips.add(reason, msg)
+        self.skips.merge(self.eval_skips)
+        # Every rank must end with the same weights and the same codebook (DDP + the quantizer's own sync).
+        sums = all_gather_object({"model": state_checksum(run.model), "quantizer": state_checksum(run.model.quantizer)})
+        in_sync = all(c == sums[0] for c in sums)
+        if run.main and not in_sync:
+            print("warning: model or codebook state differs across ranks; this is a bug, please report it")
+        return {"skipped": self.skips.to_dict(), "train_files": len(self.train_files),
+                "eval_files": len(self.eval_files), "split": self.split_how, "ranks_in_sync": in_sync,
+                "rank_checksums": sums}
+
+    def report(self, run, summary: dict) -> None:
+        ev = summary["eval"] or {}
+        print(f"image codec -> {run.out}: step {summary['step']} after {summary['minutes']} min "
+              f"({run.budget.stop_message()})"
               + (f", held-out PSNR {ev['psnr']:.2f} dB, SSIM {ev['ssim']:.3f}, "
                  f"usage {100 * ev['codebook_usage']:.1f}%" if ev else ""))
-        print(f"inputs: {skips.summary()}")
-        for reason, examples in skips.examples.items():
+        print(f"inputs: {self.skips.summary()}")
+        for reason, examples in self.skips.examples.items():
             for e in examples[:3]:
                 print(f"  {reason}: {e}")
-    return summary
+
+
+def train_image_codec(data, out, *, preset_name: str | None = None, overrides: list[str] | None = None,
+                      eval_data=None, max_steps: int | None = None, max_minutes: float | None = None,
+                      resume: bool = False, device: str | None = None, workers: int = 0,
+                      progress: bool = True) -> dict:
+    """Train (or resume) an image codec into `out`; returns the summary also written to train_summary.json."""
+    return train_codec(ImageRecipe(data, eval_data, workers), out, preset_name=preset_name, overrides=overrides,
+                       max_steps=max_steps, max_minutes=max_minutes, resume=resume, device=device,
+                       progress=progress)
 
 
 # ------------------------------------------------------------------------------------------------- CLI
 def add_train_arguments(p) -> None:
-    p.add_argument("--data", required=True, metavar="DIR_OR_JSONL",
-                   help="a directory of images (with train/ and test/ subdirectories, if it has them) or documents.jsonl")
-    p.add_argument("--out", required=True, help="output codec directory (also checkpoints, metrics, samples)")
-    p.add_argument("--preset", default=None, help="tiny (CPU), base or large (default: tiny; on --resume: the run's)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a codec or training config key (repeatable), e.g. --set quantizer=vq")
-    p.add_argument("--eval-data", default=None, metavar="DIR_OR_JSONL", help="held-out images (default: see --data)")
-    add_budget_arguments(p)
-    p.add_argument("--resume", action="store_true", help="continue from OUT's latest checkpoint")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    add_codec_train_arguments(
+        p, data_help="a directory of images (with train/ and test/ subdirectories, if it has them) or documents.jsonl",
+        eval_help="held-out images (default: see --data)", preset_help="tiny (CPU), base or large",
+        set_help="override a codec or training config key (repeatable), e.g. --set quantizer=vq")
     p.add_argument("--workers", type=int, default=None, help="data loader processes (default: 0 on CPU, 4 on GPU)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def run_train(args) -> int:
