@@ -350,6 +350,10 @@ def _train(args, env) -> dict:
     mcfg, tcfg, spec, resuming = prepare_run(args, env)
     layout = VocabLayout.from_dict(spec["layout"])
     if env.is_main:
+        removed = CheckpointManager(out).clean()
+        if removed:
+            print(f"[tessera] removed what an interrupted save or prune left in {out / 'checkpoints'}: "
+                  f"{', '.join(removed)}")
         write_run_files(out, mcfg, tcfg, spec, args)
     barrier()
     dtype = compute_dtype(tcfg, env.device)

@@ -1,0 +1,132 @@
+"""Resume is exact with half-deleted checkpoints."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tessera.storage import load_tensors
+from tessera.tokenizers import build_bundle
+from tessera.train import checkpoint as checkpoint_mod
+from tessera.train import pretrain
+from tessera.train.checkpoint import CheckpointManager
+from tessera.train.monitor import read_metrics
+from tessera.train.pretokenize import PretokenizeConfig, pretokenize
+
+WORDS = ["seven", "eight", "digit", "a", "the", "drawing", "of", "is", "what", "this"]
+FP32 = ("--set", "dtype=fp32")  # exact comparisons: no bf16 rounding on CPUs that have it
+
+
+def _write_docs(path: Path, n: int, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    with open(path, "w") as f:
+        for _ in range(n):
+            words = " ".join(rng.choice(WORDS) for _ in range(int(rng.integers(2, 40))))
+            f.write(json.dumps({"segments": [{"text": words}], "source": str(rng.choice(["a", "b"]))}) + "\n")
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory, text_dir):
+    """250 documents of uneven lengths in uneven shards (60, 60, 60, 60, 10), and a second, other corpus."""
+    d = tmp_path_factory.mktemp("resume")
+    build_bundle(d / "bundle", text_dir)
+    _write_docs(d / "docs.jsonl", 250, seed=0)
+    pretokenize(d / "bundle", [d / "docs.jsonl"], d / "shards", PretokenizeConfig(workers=1, docs_per_shard=60),
+                progress=False)
+    _write_docs(d / "other.jsonl", 120, seed=1)
+    pretokenize(d / "bundle", [d / "other.jsonl"], d / "other", PretokenizeConfig(workers=1, docs_per_shard=60),
+                progress=False)
+    return d
+
+
+def args(corpus, out, *extra):
+    return ["--preset", "tiny", "--tokenizer", str(corpus / "bundle"), "--data", str(corpus / "shards"),
+            "--out", str(out), "--set", "seq_len=64", "--set", "batch_size=2", "--set", "log_every=1",
+            "--set", "warmup_steps=2", "--device", "cpu", *FP32, *extra]
+
+
+def losses(run):
+    return [(r["step"], r["loss"]) for r in read_metrics(run) if "loss" in r]
+
+
+def weights(run):
+    return load_tensors(Path(run) / "model.safetensors")
+
+
+def same_weights(a, b) -> bool:
+    wa, wb = weights(a), weights(b)
+    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def torchrun(out_args, port):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+           "-m", "tessera.train.pretrain", *out_args]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+# ------------------------------------------------------------------------------ 4. half-deleted checkpoints
+class Killed(BaseException):
+    """Stands for the process being killed: nothing after it runs."""
+
+
+def _dying_rmtree(first: str):
+    """shutil.rmtree that deletes one file (`first`) of the tree and is then killed."""
+    real = shutil.rmtree
+
+    def rmtree(path, *a, **kw):
+        victim = Path(path) / first
+        if victim.exists():
+            victim.unlink()
+            raise Killed(path)
+        return real(path, *a, **kw)
+    return rmtree
+
+
+@pytest.mark.parametrize("first", ["state.json", "model.safetensors"])
+def test_a_kill_while_pruning_leaves_no_half_deleted_checkpoint(tmp_path, monkeypatch, first):
+    ckpt = CheckpointManager(tmp_path, keep=1)
+    t = {"w": torch.zeros(3)}
+    ckpt.save(1, {"model": t, "optimizer": t}, {"x": 1})
+    monkeypatch.setattr(checkpoint_mod.shutil, "rmtree", _dying_rmtree(first))
+    with pytest.raises(Killed):
+        ckpt.save(2, {"model": t, "optimizer": t}, {"x": 2})  # pruning step 1 is killed halfway
+    monkeypatch.undo()
+    for d in (tmp_path / "checkpoints").glob("step_*"):  # every step_N left is whole
+        assert {p.name for p in d.iterdir()} == {"model.safetensors", "optimizer.safetensors", "state.json"}, d
+    # the next start cleans up; only the latest checkpoint is left, and it loads
+    fresh = CheckpointManager(tmp_path, keep=1)
+    fresh.clean()
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest", "step_000002"]
+    assert fresh.load()[1]["x"] == 2
+
+
+def test_a_checkpoint_without_its_completion_marker_is_never_loaded(corpus, tmp_path, capsys):
+    """An older tessera's half-deleted step_N (state.json or a tensor file gone) is not loaded, even when
+    `latest` names it; the run resumes from the newest whole checkpoint and removes the broken ones."""
+    run = tmp_path / "run"
+    assert pretrain.main(args(corpus, run, "--max-steps", "6", "--set", "steps=8", "--set", "ckpt_every=2",
+                              "--set", "keep_checkpoints=3")) == 0
+    root = run / "checkpoints"
+    (root / "step_000002" / "state.json").unlink()
+    (root / "step_000006" / "model.safetensors").unlink()  # the one `latest` names
+    shutil.copytree(root / "step_000004", root / ".trash-step_000000")  # a prune of this version, killed
+    assert CheckpointManager(run).latest_step() == 4
+    capsys.readouterr()
+    assert pretrain.main(args(corpus, run, "--resume", "--max-steps", "8")) == 0
+    out = capsys.readouterr().out
+    assert "resumed" in out and "at step 4" in out
+    assert "removed what an interrupted save or prune left" in out
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_000004", "step_000006", "step_000008"]
+    for d in root.glob("step_*"):
+        assert {p.name for p in d.iterdir()} == {"model.safetensors", "optimizer.safetensors", "rng.safetensors",
+                                                 "state.json"}, d
+
