@@ -47,7 +47,7 @@ from tessera.tokenizers.bundle import read_bundle_spec
 from tessera.tokenizers.layout import MODALITIES, VocabLayout
 from tessera.train.checkpoint import (CheckpointManager, capture_rng, flatten_optimizer_state, restore_rng,
                                       unflatten_optimizer_state)
-from tessera.train.distributed import all_reduce, barrier, destroy_distributed, init_distributed
+from tessera.train.distributed import all_gather_object, all_reduce, barrier, destroy_distributed, init_distributed
 from tessera.train.loader import IGNORE, LoaderConfig, PackedLoader, parse_mix
 from tessera.train.mfu import peak_flops
 from tessera.train.monitor import MetricsLogger, Progress, RunBudget, add_budget_arguments
@@ -333,6 +333,24 @@ def save_inference_weights(out: Path, model) -> None:
     save_tensors(out / "model.safetensors", full_model_state(model), metadata={"format": "pt"})
 
 
+def restore_loader(loader: PackedLoader, state: dict, env, tcfg: TrainConfig) -> None:
+    """Each rank's loader state from a checkpoint: its own when the number of processes is the one saved;
+    with another number, every rank continues the global stream at the first window no rank had taken
+    (`PackedLoader.load_rank_states`), and the global batch changes with the number of processes."""
+    if "loaders" not in state:  # an older checkpoint holds rank 0's state only
+        loader.load_state_dict(state["loader"], any_world=True)
+        saved_world = int(state["loader"].get("world_size", 1))
+        if saved_world > 1 and env.is_main:
+            print(f"[tessera] warning: this checkpoint holds only rank 0's loader state (of {saved_world} "
+                  f"processes): up to {saved_world - 1} windows are seen twice")
+        return
+    states = state["loaders"]
+    if loader.load_rank_states(states) and env.is_main:
+        print(f"[tessera] the checkpoint was saved by {len(states)} process(es), this run has {env.world_size}: "
+              f"the data continues at window {loader.window} of the global stream, none repeated or skipped; the "
+              f"global batch is {tcfg.batch_size * tcfg.grad_accum * env.world_size} windows")
+
+
 # ----------------------------------------------------------------------------------------------- train
 def train(args) -> dict:
     env = init_distributed(args.device)
@@ -390,7 +408,7 @@ def _train(args, env) -> dict:
         load_full_model_state(model, tensors["model"])
         load_full_optimizer_state(model, optimizer,
                                   unflatten_optimizer_state(tensors["optimizer"], state["optimizer"]))
-        loader.load_state_dict(state["loader"])
+        restore_loader(loader, state, env, tcfg)
         restore_rng(tensors["rng"], state["rng"])
         step, nan_skips, tokens_seen = state["step"], state["nan_skips"], state["tokens_seen"]
         schedule = state.get("schedule")
@@ -429,15 +447,18 @@ def _train(args, env) -> dict:
               f"global batch {tcfg.batch_size * tcfg.grad_accum * env.world_size} x {tcfg.seq_len} tokens")
 
     def save_checkpoint():
-        # Every rank takes part in gathering the full state; only rank 0 receives it and writes.
+        # Every rank takes part in gathering the full state; only rank 0 receives it and writes. Each rank's
+        # loader is at its own place in the global stream, so every rank's state is saved.
         model_sd = full_model_state(model)
         opt_sd = full_optimizer_state(model, optimizer)
+        loader_states = all_gather_object(loader.state_dict())
         if env.is_main:
             opt_t, opt_meta = flatten_optimizer_state(opt_sd)
             rng_t, rng_meta = capture_rng()
             ckpt.save(step, {"model": model_sd, "optimizer": opt_t, "rng": rng_t}, {
-                "optimizer": opt_meta, "rng": rng_meta, "loader": loader.state_dict(), "nan_skips": nan_skips,
-                "tokens_seen": tokens_seen, "train": to_dict(tcfg), "schedule": budget.state_dict(),
+                "optimizer": opt_meta, "rng": rng_meta, "world_size": env.world_size, "loaders": loader_states,
+                "nan_skips": nan_skips, "tokens_seen": tokens_seen, "train": to_dict(tcfg),
+                "schedule": budget.state_dict(),
             })
             if not tcfg.keep_best:
                 save_tensors(out / "model.safetensors", model_sd, metadata={"format": "pt"})

@@ -1,4 +1,4 @@
-"""Resume is exact with half-deleted checkpoints."""
+"""Resume is exact: under torchrun and with half-deleted checkpoints."""
 
 import json
 import os
@@ -71,6 +71,85 @@ def torchrun(out_args, port):
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     return r
+
+
+# -------------------------------------------------------------------------------- 1. multi-process resume
+STEPS, CUT = 12, 5
+
+
+@pytest.fixture(scope="module")
+def two_process_runs(corpus, tmp_path_factory):
+    """A straight two-process run of STEPS steps, and one stopped after CUT (a checkpoint, then the end)."""
+    d = tmp_path_factory.mktemp("ddp")
+    fixed = ("--set", f"steps={STEPS}")
+    torchrun(args(corpus, d / "straight", *fixed, "--max-steps", str(STEPS)), port=29541)
+    torchrun(args(corpus, d / "cut", *fixed, "--max-steps", str(CUT)), port=29542)
+    return d
+
+
+def test_two_process_resume_matches_a_straight_run(corpus, two_process_runs, tmp_path):
+    """Every rank's loader state is saved and restored: rank 1 does not rerun its last window after a resume."""
+    run = tmp_path / "resumed"
+    shutil.copytree(two_process_runs / "cut", run)
+    torchrun(args(corpus, run, "--resume", "--max-steps", str(STEPS)), port=29543)
+    straight = losses(two_process_runs / "straight")
+    assert len(straight) == STEPS
+    assert losses(run) == straight  # bit-identical, the steps after the resume included
+    assert same_weights(run, two_process_runs / "straight")
+    state = json.loads((run / "checkpoints" / f"step_{CUT:06d}" / "state.json").read_text())
+    assert [s["rank"] for s in state["loaders"]] == [0, 1] and state["world_size"] == 2
+
+
+def test_resume_on_another_number_of_processes_continues_the_stream(corpus, two_process_runs, tmp_path, capsys):
+    """A two-process checkpoint resumed by one process with the same global batch: the data stream goes on
+    at the first window no rank had taken (none repeated or skipped), so the losses are the straight run's
+    up to the arithmetic of splitting a batch."""
+    run = tmp_path / "one"
+    shutil.copytree(two_process_runs / "cut", run)
+    assert pretrain.main(args(corpus, run, "--resume", "--max-steps", str(STEPS), "--set", "batch_size=4")) == 0
+    straight, resumed = losses(two_process_runs / "straight"), losses(run)
+    assert [s for s, _ in resumed] == [s for s, _ in straight]
+    for (_, a), (_, b) in zip(straight[CUT:], resumed[CUT:]):
+        assert b == pytest.approx(a, rel=1e-5)
+    assert "saved by 2 process(es), this run has 1" in capsys.readouterr().out
+
+
+def test_each_rank_restores_its_own_loader_state_or_the_stream_position(tmp_path):
+    """Loader level: two ranks restored from their own states continue exactly; one rank restored from the
+    two ranks' states takes exactly the windows a single process would take next."""
+    from tessera.tokenizers.layout import VocabLayout
+    from tessera.train.loader import LoaderConfig, PackedLoader
+    from tessera.train.shards import write_token_shards
+
+    layout = VocabLayout(text_size=100, image_codebook_size=16, audio_codebook_size=8, audio_levels=2, max_grid=8,
+                         n_reserved=4)
+    rng = np.random.default_rng(0)
+    docs = [[1, *rng.integers(3, 100, int(rng.integers(1, 30))).tolist(), 2] for _ in range(90)]
+    write_token_shards(tmp_path / "s", docs, layout.to_dict(), "hash", docs_per_shard=13)
+    cfg = LoaderConfig(seq_len=24, batch_size=3, seed=2)
+
+    def ranks(world):
+        return [PackedLoader(tmp_path / "s", cfg, layout, rank=r, world_size=world) for r in range(world)]
+
+    two = ranks(2)
+    for _ in range(4):
+        [ld.next_batch() for ld in two]
+    states = json.loads(json.dumps([ld.state_dict() for ld in two]))
+    expect = [[ld.next_batch()["input_ids"] for _ in range(3)] for ld in two]
+    again = ranks(2)
+    for ld in again:
+        assert ld.load_rank_states(states) is False
+    assert all(torch.equal(a, ld.next_batch()["input_ids"]) for ld, e in zip(again, expect) for a in e)
+
+    single = PackedLoader(tmp_path / "s", cfg, layout)
+    for _ in range(8):  # the 24 windows the two ranks took
+        single.next_batch()
+    (one,) = ranks(1)
+    assert one.load_rank_states(states) is True
+    for _ in range(3):
+        assert torch.equal(one.next_batch()["input_ids"], single.next_batch()["input_ids"])
+    with pytest.raises(ValueError, match="saved by one of 2 ranks"):
+        ranks(1)[0].load_state_dict(states[1])
 
 
 # ------------------------------------------------------------------------------ 4. half-deleted checkpoints
