@@ -28,6 +28,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import hashlib
+import json
 import math
 import os
 import shutil
@@ -258,6 +260,16 @@ def _parse_overrides(items: list[str]) -> tuple[list[str], list[str]]:
     return model, train
 
 
+def data_fingerprint(manifest: dict) -> str:
+    """The identity of a shard set: its manifest (tokenizer hash, inputs with their sizes and times, settings,
+    shards, sources, counts, skips) without what does not change the data (timing, worker count, device, the
+    bundle's path). Moving the shard directory keeps it; other inputs or another pretokenization change it."""
+    ident = {k: v for k, v in manifest.items() if k not in ("seconds", "bundle")}
+    if isinstance(ident.get("config"), dict):
+        ident["config"] = {k: v for k, v in ident["config"].items() if k not in ("workers", "device")}
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode("utf-8")).hexdigest()
+
+
 def prepare_run(args, env) -> tuple[ModelConfig, TrainConfig, dict, bool]:
     """Resolve configs, check the bundle against the data and any existing run; returns (model cfg, train
     cfg, bundle spec, resuming)."""
@@ -288,6 +300,10 @@ def prepare_run(args, env) -> tuple[ModelConfig, TrainConfig, dict, bool]:
             raise RunError(f"{out} already holds a run with checkpoints; pass --resume to continue it, or use a new --out")
         if has_ckpt:
             resuming = True
+            saved = run.get("data_fingerprint")
+            if saved and saved != data_fingerprint(manifest):
+                raise RunError(f"--data {args.data} is not the data {out} was trained on ({run.get('data')}; its "
+                               f"manifest differs): resume with that data, or start a new --out")
             mcfg = from_dict(ModelConfig, run["model"])
             tcfg = apply_overrides(from_dict(TrainConfig, run["train"]), train_over)
             if model_over:
@@ -325,7 +341,8 @@ def write_run_files(out: Path, mcfg: ModelConfig, tcfg: TrainConfig, spec: dict,
     atomic_write_json(out / "config.json", {
         "format": RUN_FORMAT, "version": RUN_VERSION, "model": to_dict(mcfg), "train": to_dict(tcfg),
         "tokenizer_hash": spec["hash"], "layout": spec["layout"],
-        "data": str(Path(args.data).resolve()), "eval_data": str(Path(args.eval_data).resolve()) if args.eval_data else None,
+        "data": str(Path(args.data).resolve()), "data_fingerprint": data_fingerprint(read_manifest(args.data)),
+        "eval_data": str(Path(args.eval_data).resolve()) if args.eval_data else None,
     })
 
 

@@ -1,4 +1,4 @@
-"""Resume is exact: under torchrun and with half-deleted checkpoints."""
+"""Resume is exact: under torchrun and with half-deleted checkpoints; and it refuses data other than the run's."""
 
 import json
 import os
@@ -150,6 +150,30 @@ def test_each_rank_restores_its_own_loader_state_or_the_stream_position(tmp_path
         assert torch.equal(one.next_batch()["input_ids"], single.next_batch()["input_ids"])
     with pytest.raises(ValueError, match="saved by one of 2 ranks"):
         ranks(1)[0].load_state_dict(states[1])
+
+
+# ---------------------------------------------------------------------------------- 3. the data checked
+def test_resume_with_other_data_is_refused_before_anything_is_written(corpus, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert pretrain.main(args(corpus, run, "--max-steps", "2", "--set", "steps=4")) == 0
+    def files():
+        return {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+
+    before = files()
+    capsys.readouterr()
+    other = args(corpus, run, "--resume", "--max-steps", "4")
+    other[other.index("--data") + 1] = str(corpus / "other")
+    assert pretrain.main(other) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is not the data" in err[0] and str(corpus / "shards") in err[0], err
+    assert files() == before  # config.json untouched
+    # the same shards moved elsewhere are the same data
+    moved = tmp_path / "moved"
+    shutil.copytree(corpus / "shards", moved)
+    same = args(corpus, run, "--resume", "--max-steps", "4")
+    same[same.index("--data") + 1] = str(moved)
+    assert pretrain.main(same) == 0
+    assert json.loads((run / "config.json").read_text())["data"] == str(moved.resolve())
 
 
 # ------------------------------------------------------------------------------ 4. half-deleted checkpoints
