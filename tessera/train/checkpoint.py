@@ -15,14 +15,20 @@ names the tensor files); a directory without it, or without a file it names, is 
 checkpoint is pruned by renaming it to `.trash-step_N` first and deleting it after, so a kill during the
 deletion leaves a hidden leftover, not a half-deleted `step_N`; `clean()` (at every save, and by a
 trainer at startup) removes such leftovers and those of an interrupted save.
+
+`RunLock` keeps two runs out of one run directory: an exclusive `flock` on `RUN/.lock`, held for the life of
+the run and released by the kernel when the process ends, however it ends (kill -9 leaves no stale lock).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
 import shutil
+import socket
+import time
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +37,11 @@ import torch
 
 from tessera.errors import TesseraError
 from tessera.storage import atomic_write_json, load_tensors, make_temp_dir, read_json, replace_dir, save_tensors
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: runs are not locked
+    fcntl = None
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
 TRASH_PREFIX = ".trash-"
@@ -140,6 +151,67 @@ class CheckpointManager:
         state = read_json(d / "state.json")
         tensors = {p.stem: load_tensors(p, device) for p in d.glob("*.safetensors")}
         return tensors, state
+
+
+# ------------------------------------------------------------------------------------------- run lock
+class RunLockedError(TesseraError):
+    pass
+
+
+class RunLock:
+    """An exclusive lock on a run directory: `flock` on `RUN/.lock`, which records the holder.
+
+    `RunLock(run_dir).acquire()` creates the directory if needed and raises `RunLockedError` naming the
+    holder (pid, host, start time) when another process holds it. The lock lives as long as the open file:
+    `release()`, the end of the process, or its death (kill -9 included) frees it, so it never goes stale. The
+    lock file itself is never deleted (deleting it would let two processes lock two different files). Local
+    file systems and NFSv4 honour `flock` across processes and hosts.
+    """
+
+    NAME = ".lock"
+
+    def __init__(self, run_dir: str | os.PathLike):
+        self.path = Path(run_dir) / self.NAME
+        self._fd: int | None = None
+
+    def holder(self) -> str:
+        try:
+            info = json.loads(self.path.read_text(encoding="utf-8"))
+            return f"pid {info['pid']} on {info['host']}, since {info['since']}"
+        except (OSError, ValueError, KeyError, TypeError):
+            return "holder unknown"
+
+    def acquire(self) -> "RunLock":
+        if fcntl is None or self._fd is not None:
+            return self
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise RunLockedError(f"{self.path.parent} is in use by another run ({self.holder()}); wait for it to "
+                                 f"end or use another --out") from None
+        except BaseException:
+            os.close(fd)
+            raise
+        info = {"pid": os.getpid(), "host": socket.gethostname(),
+                "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(info) + "\n").encode("utf-8"), 0)
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            os.close(fd)  # closing the only descriptor of the open file releases the flock
+
+    def __enter__(self) -> "RunLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
 
 
 # ------------------------------------------------------------------------------------ optimizer state

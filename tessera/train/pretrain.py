@@ -47,9 +47,10 @@ from tessera.model.transformer import ModelConfig, Transformer, model_preset
 from tessera.storage import atomic_write_json, read_json, save_tensors
 from tessera.tokenizers.bundle import read_bundle_spec
 from tessera.tokenizers.layout import MODALITIES, VocabLayout
-from tessera.train.checkpoint import (CheckpointManager, capture_rng, flatten_optimizer_state, restore_rng,
-                                      unflatten_optimizer_state)
-from tessera.train.distributed import all_gather_object, all_reduce, barrier, destroy_distributed, init_distributed
+from tessera.train.checkpoint import (CheckpointManager, RunLock, RunLockedError, capture_rng, flatten_optimizer_state,
+                                      restore_rng, unflatten_optimizer_state)
+from tessera.train.distributed import (all_gather_object, all_reduce, barrier, broadcast_object, destroy_distributed,
+                                       init_distributed)
 from tessera.train.loader import IGNORE, LoaderConfig, PackedLoader, parse_mix
 from tessera.train.mfu import peak_flops
 from tessera.train.monitor import MetricsLogger, Progress, RunBudget, add_budget_arguments
@@ -272,7 +273,7 @@ def data_fingerprint(manifest: dict) -> str:
 
 def prepare_run(args, env) -> tuple[ModelConfig, TrainConfig, dict, bool]:
     """Resolve configs, check the bundle against the data and any existing run; returns (model cfg, train
-    cfg, bundle spec, resuming)."""
+    cfg, bundle spec, resuming). Reads only: nothing is written or deleted here."""
     out = Path(args.out)
     spec = read_bundle_spec(args.tokenizer)
     layout = VocabLayout.from_dict(spec["layout"])
@@ -308,6 +309,9 @@ def prepare_run(args, env) -> tuple[ModelConfig, TrainConfig, dict, bool]:
             tcfg = apply_overrides(from_dict(TrainConfig, run["train"]), train_over)
             if model_over:
                 raise RunError("model overrides cannot change a run being resumed")
+    if not resuming and (out / "metrics.jsonl").exists() and not (getattr(args, "force", False) or args.resume):
+        raise RunError(f"{out} holds the metrics.jsonl of an earlier run that left no checkpoint; pass --force to "
+                       f"start over (it is replaced), or use a new --out")
     if not resuming:
         mcfg = apply_overrides(model_preset(args.preset), model_over)
         mcfg.vocab_size = layout.padded_vocab_size
@@ -326,8 +330,6 @@ def prepare_run(args, env) -> tuple[ModelConfig, TrainConfig, dict, bool]:
     parse_mix(tcfg.mix)  # fail early on a bad --mix
     if tcfg.keep_best and not args.eval_data:
         raise ConfigError("keep_best keeps the weights with the lowest held-out loss: it needs --eval-data")
-    if not resuming and env.is_main:
-        (out / "best.json").unlink(missing_ok=True)  # from an earlier run that left no checkpoint
     return mcfg, tcfg, spec, resuming
 
 
@@ -380,8 +382,35 @@ def train(args) -> dict:
         destroy_distributed()
 
 
+def _lock_run(lock: RunLock, env, only_an_existing_dir: bool) -> None:
+    """Rank 0 takes the run's lock; every rank raises if it could not."""
+    error = None
+    if env.is_main and not (only_an_existing_dir and not lock.path.parent.is_dir()):
+        try:
+            lock.acquire()
+        except RunLockedError as e:
+            error = str(e)
+    error = broadcast_object(error)
+    if error:
+        raise RunLockedError(error)
+
+
 def _train(args, env) -> dict:
+    """Lock --out (rank 0 holds `OUT/.lock` for the life of the run), check the arguments, then train. A run
+    in progress is reported before anything else; bad input fails before --out is created."""
+    lock = RunLock(args.out)
+    try:
+        _lock_run(lock, env, only_an_existing_dir=True)
+        prepare_run(args, env)
+        _lock_run(lock, env, only_an_existing_dir=False)
+        return _train_locked(args, env)
+    finally:
+        lock.release()
+
+
+def _train_locked(args, env) -> dict:
     out = Path(args.out)
+    # Again under the lock: another run may have written --out since the first check.
     mcfg, tcfg, spec, resuming = prepare_run(args, env)
     layout = VocabLayout.from_dict(spec["layout"])
     if env.is_main:
@@ -389,6 +418,10 @@ def _train(args, env) -> dict:
         if removed:
             print(f"[tessera] removed what an interrupted save or prune left in {out / 'checkpoints'}: "
                   f"{', '.join(removed)}")
+        if not resuming:
+            (out / "best.json").unlink(missing_ok=True)  # from an earlier run that left no checkpoint
+            if args.resume:
+                print(f"[tessera] {out} holds no checkpoint yet: starting from step 0")
         write_run_files(out, mcfg, tcfg, spec, args)
     barrier()
     dtype = compute_dtype(tcfg, env.device)
@@ -624,6 +657,8 @@ def add_pretrain_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-data", metavar="SHARDS", help="held-out shards for periodic per-modality loss")
     p.add_argument("--out", required=True, metavar="RUN")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    p.add_argument("--force", action="store_true",
+                   help="start over in an --out whose earlier run left no checkpoint (its metrics.jsonl is replaced)")
     add_budget_arguments(p)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a training key (lr=1e-3) or a model key (model.dim=512)")
