@@ -1,10 +1,14 @@
-"""Resume is exact: under torchrun and with half-deleted checkpoints; and it refuses data other than the run's."""
+"""Resume is exact after any interruption: under torchrun, after kill -9, with half-deleted checkpoints; and it
+refuses data other than the run's."""
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -233,3 +237,88 @@ def test_a_checkpoint_without_its_completion_marker_is_never_loaded(corpus, tmp_
         assert {p.name for p in d.iterdir()} == {"model.safetensors", "optimizer.safetensors", "rng.safetensors",
                                                  "state.json"}, d
 
+
+# ------------------------------------------------------------------------------------ 5. kill -9, resume
+def _process_tree(pid: int) -> list[int]:
+    """pid and all its descendants (Linux /proc). torchrun starts its workers in sessions of their own, so
+    killing its process group would leave them running."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                ppid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    tree, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        tree.append(p)
+        todo += children.get(p, [])
+    return tree
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except (OSError, IndexError):
+        return True
+
+
+def kill_after_first_checkpoint(cmd, run: Path, env=None) -> int:
+    """Start `cmd`, SIGKILL it and every process it started as soon as `run` holds a checkpoint (whatever they
+    are doing then), and return the step of the checkpoint that survived."""
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    tree = [proc.pid]
+    try:
+        deadline = time.monotonic() + 600
+        while not (run / "checkpoints" / "latest").exists():
+            assert proc.poll() is None, "the run ended before it could be killed"
+            assert time.monotonic() < deadline, "no checkpoint after 600 s"
+            time.sleep(0.002)
+        tree = _process_tree(proc.pid)
+        for pid in tree:
+            os.kill(pid, signal.SIGKILL)
+    finally:
+        for pid in tree:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        proc.wait()
+    deadline = time.monotonic() + 60
+    while not all(_gone(pid) for pid in tree[1:]):
+        assert time.monotonic() < deadline, "a killed worker is still running"
+        time.sleep(0.01)
+    assert proc.returncode == -signal.SIGKILL
+    return CheckpointManager(run).latest_step()
+
+
+def test_kill_9_during_pretrain_then_resume_matches_a_clean_run(corpus, tmp_path):
+    """pretrain in a subprocess, SIGKILLed once a checkpoint exists, resumed: the final weights and the losses
+    are the uninterrupted run's. The kernel released the dead run's lock."""
+    steps = 20
+    fixed = ("--set", f"steps={steps}", "--max-steps", str(steps))
+    assert pretrain.main(args(corpus, tmp_path / "clean", *fixed)) == 0
+    run = tmp_path / "killed"
+    killed_at = kill_after_first_checkpoint(
+        [sys.executable, "-m", "tessera.train.pretrain", *args(corpus, run, *fixed, "--set", "ckpt_every=2")], run)
+    assert killed_at is not None and killed_at < steps
+    assert max(r["step"] for r in read_metrics(run)) < steps  # killed before the end
+    # checkpoints change nothing in training: the rest of the run saves only at its end
+    assert pretrain.main(args(corpus, run, "--resume", "--max-steps", str(steps), "--set", "ckpt_every=0")) == 0
+    assert same_weights(run, tmp_path / "clean")
+    assert losses(run) == losses(tmp_path / "clean")
+
+
+def test_kill_9_under_torchrun_then_resume_matches_a_straight_run(corpus, two_process_runs, tmp_path):
+    """The same for two processes, torchrun and both workers killed at once (a lost node): the resumed run's
+    losses and final weights are the straight two-process run's, bit for bit."""
+    run = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29544",
+           "-m", "tessera.train.pretrain",
+           *args(corpus, run, "--set", f"steps={STEPS}", "--set", "ckpt_every=2", "--max-steps", str(STEPS))]
+    killed_at = kill_after_first_checkpoint(cmd, run, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert killed_at is not None and killed_at < STEPS
+    assert max(r["step"] for r in read_metrics(run)) < STEPS  # killed before the end
+    torchrun(args(corpus, run, "--resume", "--max-steps", str(STEPS), "--set", "ckpt_every=0"), port=29545)
+    assert losses(run) == losses(two_process_runs / "straight")
+    assert same_weights(run, two_process_runs / "straight")
