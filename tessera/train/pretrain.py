@@ -17,6 +17,10 @@ Logged (metrics.jsonl, TensorBoard, progress bar): loss in total and per modalit
 tokens/s, MFU, the planned steps. A step whose loss or gradient is NaN/Inf is skipped and counted;
 `max_nan_skips` in a row stop the run with the last good checkpoint kept.
 
+One run at a time writes a run directory: rank 0 holds an exclusive lock on `OUT/.lock` while it runs, and
+a second run into the same `--out` is refused. `--resume` restores every rank's loader state and refuses
+`--data` other than the run's; a new run does not replace an earlier run's metrics without `--force`.
+
 The LR schedule's length is `steps` when set; otherwise the budget's plan (`RunBudget`): `--max-steps`, or
 with `--max-minutes` the steps that fit in the time at the measured throughput (the smaller, with both), so
 a time-bounded run ends with its lr decayed. Without either bound a run takes 1000 steps, or on `--resume`
