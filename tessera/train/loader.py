@@ -18,6 +18,11 @@ distribution that classifier-free guidance subtracts at generation time.
 Data parallelism: all ranks plan the same global stream of windows; rank r materializes windows
 r, r + world, r + 2*world, ... So a global batch is the same set of windows for any number of ranks, and
 N processes reproduce one process with N-fold gradient accumulation.
+
+Resume: each rank's state is its own position in the global stream (rank r has planned the stream up to
+its last window, so the ranks' counters differ), and a run saves every rank's state. `load_rank_states`
+restores each rank's own; with a different number of ranks every rank continues from the state furthest
+along, the first window no rank has taken, so no window is repeated or skipped (see its docstring).
 """
 
 from __future__ import annotations
@@ -340,15 +345,41 @@ class PackedLoader:
             "exhausted": self._exhausted,
             "stats": dict(self.stats),
             "world_size": self.world,
+            "rank": self.rank,
             "seed": self.cfg.seed,
         }
 
-    def load_state_dict(self, st: dict) -> None:
+    def load_state_dict(self, st: dict, any_world: bool = False) -> None:
+        """Restore a state saved by `state_dict`. A state saved by a rank of another world size would map the
+        stream's windows to the wrong ranks and is refused unless `any_world` (see `load_rank_states`)."""
         if st.get("seed") != self.cfg.seed:
             raise TesseraError(f"loader state was saved with seed {st.get('seed')}, not {self.cfg.seed}")
+        saved_world = int(st.get("world_size", self.world))
+        if saved_world != self.world and not any_world:
+            raise TesseraError(f"loader state was saved by one of {saved_world} ranks, not of {self.world}")
         self.rng.bit_generator.state = st["rng"]
         self.stream.load(st["stream"])
         self.buffer = [_Piece(*p) for p in st["buffer"]]
         self.window = int(st["window"])
         self._exhausted = bool(st.get("exhausted", False))
         self.stats.update(st.get("stats", {}))
+
+    def load_rank_states(self, states: list[dict]) -> bool:
+        """Restore this rank's state from the states of every rank of a saved run (in rank order).
+
+        The same number of ranks: each rank takes its own, and the run goes on exactly as if never stopped.
+        Another number: every rank takes the state furthest along the stream. After n windows per rank, the
+        last rank of a W-rank run has planned windows 0 .. nW-1, exactly the ones taken, so its state is
+        the stream's position; from it rank r of W' ranks takes the windows g >= nW with g = r (mod W'). Each
+        global batch is still one contiguous block of the global stream (a window may sit on another rank
+        than in a run of W' ranks from the start), none repeated or skipped. Returns True when the states
+        were re-partitioned that way.
+        """
+        if not states:
+            raise TesseraError("no loader state to restore")
+        if len(states) == self.world:
+            self.load_state_dict(states[self.rank])
+            return False
+        furthest = max(states, key=lambda st: int(st["window"]))
+        self.load_state_dict(furthest, any_world=True)
+        return True

@@ -19,6 +19,10 @@ Logged (metrics.jsonl, TensorBoard, progress bar): loss in total and per modalit
 tokens/s, MFU, the planned steps. A step whose loss or gradient is NaN/Inf is skipped and counted;
 `max_nan_skips` in a row stop the run with the last good checkpoint kept.
 
+One run at a time writes a run directory: rank 0 holds an exclusive lock on `OUT/.lock` while it runs, and
+a second run into the same `--out` is refused. `--resume` restores every rank's loader state and refuses
+`--data` other than the run's; a new run does not replace an earlier run's metrics without `--force`.
+
 The LR schedule's length is `steps` when set; otherwise the budget's plan (`RunBudget`): `--max-steps`, or
 with `--max-minutes` the steps that fit in the time at the measured throughput (the smaller, with both), so
 a time-bounded run ends with its lr decayed. Without either bound a run takes 1000 steps, or on `--resume`
@@ -30,6 +34,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import hashlib
+import json
 import math
 import os
 import shutil
@@ -48,9 +54,10 @@ from tessera.storage import atomic_write_json, read_json, save_tensors
 from tessera.tokenizers.bundle import read_bundle_spec
 from tessera.tokenizers.layout import MODALITIES, VocabLayout
 from tessera.train import init_from
-from tessera.train.checkpoint import (CheckpointManager, capture_rng, flatten_optimizer_state, restore_rng,
-                                      unflatten_optimizer_state)
-from tessera.train.distributed import all_reduce, barrier, destroy_distributed, init_distributed
+from tessera.train.checkpoint import (CheckpointManager, RunLock, RunLockedError, capture_rng, flatten_optimizer_state,
+                                      restore_rng, unflatten_optimizer_state)
+from tessera.train.distributed import (all_gather_object, all_reduce, barrier, broadcast_object, destroy_distributed,
+                                       init_distributed)
 from tessera.train.ema import WeightEMA
 from tessera.train.loader import IGNORE, LoaderConfig, PackedLoader, parse_mix
 from tessera.train.mfu import peak_flops
@@ -304,9 +311,20 @@ def _parse_overrides(items: list[str]) -> tuple[list[str], list[str]]:
     return model, train
 
 
+def data_fingerprint(manifest: dict) -> str:
+    """The identity of a shard set: its manifest (tokenizer hash, inputs with their sizes and times, settings,
+    shards, sources, counts, skips) without what does not change the data (timing, worker count, device, the
+    bundle's path). Moving the shard directory keeps it; other inputs or another pretokenization change it."""
+    ident = {k: v for k, v in manifest.items() if k not in ("seconds", "bundle")}
+    if isinstance(ident.get("config"), dict):
+        ident["config"] = {k: v for k, v in ident["config"].items() if k not in ("workers", "device")}
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode("utf-8")).hexdigest()
+
+
 def prepare_run(args, env) -> tuple[ModelConfig, TrainConfig, dict, bool, dict | None]:
     """Resolve configs, check the bundle against the data and any existing run; returns (model cfg, train
-    cfg, bundle spec, resuming, the --init-from record or None)."""
+    cfg, bundle spec, resuming, the --init-from record or None). Reads only: nothing is written or deleted
+    here."""
     out = Path(args.out)
     if getattr(args, "init_from", None) and args.resume:
         raise RunError("--init-from and --resume are mutually exclusive: --resume continues a run from its checkpoint "
@@ -337,11 +355,18 @@ def prepare_run(args, env) -> tuple[ModelConfig, TrainConfig, dict, bool, dict |
             raise RunError(f"{out} already holds a run with checkpoints; pass --resume to continue it, or use a new --out")
         if has_ckpt:
             resuming = True
+            saved = run.get("data_fingerprint")
+            if saved and saved != data_fingerprint(manifest):
+                raise RunError(f"--data {args.data} is not the data {out} was trained on ({run.get('data')}; its "
+                               f"manifest differs): resume with that data, or start a new --out")
             mcfg = from_dict(ModelConfig, run["model"])
             tcfg = apply_overrides(from_dict(TrainConfig, run["train"]), train_over)
             init, resumed_freeze = run.get("init_from"), run["train"].get("freeze", "")
             if model_over:
                 raise RunError("model overrides cannot change a run being resumed")
+    if not resuming and (out / "metrics.jsonl").exists() and not (getattr(args, "force", False) or args.resume):
+        raise RunError(f"{out} holds the metrics.jsonl of an earlier run that left no checkpoint; pass --force to "
+                       f"start over (it is replaced), or use a new --out")
     if not resuming:
         tcfg = apply_overrides(TrainConfig(), train_over)
         if getattr(args, "init_from", None):
@@ -364,8 +389,6 @@ def prepare_run(args, env) -> tuple[ModelConfig, TrainConfig, dict, bool, dict |
     parse_mix(tcfg.mix)  # fail early on a bad --mix
     if tcfg.keep_best and not args.eval_data:
         raise ConfigError("keep_best keeps the weights with the lowest held-out loss: it needs --eval-data")
-    if not resuming and env.is_main:
-        (out / "best.json").unlink(missing_ok=True)  # from an earlier run that left no checkpoint
     return mcfg, tcfg, spec, resuming, init
 
 
@@ -379,13 +402,32 @@ def write_run_files(out: Path, mcfg: ModelConfig, tcfg: TrainConfig, spec: dict,
     atomic_write_json(out / "config.json", {
         "format": RUN_FORMAT, "version": RUN_VERSION, "model": to_dict(mcfg), "train": to_dict(tcfg),
         "tokenizer_hash": spec["hash"], "layout": spec["layout"],
-        "data": str(Path(args.data).resolve()), "eval_data": str(Path(args.eval_data).resolve()) if args.eval_data else None,
+        "data": str(Path(args.data).resolve()), "data_fingerprint": data_fingerprint(read_manifest(args.data)),
+        "eval_data": str(Path(args.eval_data).resolve()) if args.eval_data else None,
         **({"init_from": init} if init else {}),
     })
 
 
 def save_inference_weights(out: Path, model) -> None:
     save_tensors(out / "model.safetensors", full_model_state(model), metadata={"format": "pt"})
+
+
+def restore_loader(loader: PackedLoader, state: dict, env, tcfg: TrainConfig) -> None:
+    """Each rank's loader state from a checkpoint: its own when the number of processes is the one saved;
+    with another number, every rank continues the global stream at the first window no rank had taken
+    (`PackedLoader.load_rank_states`), and the global batch changes with the number of processes."""
+    if "loaders" not in state:  # an older checkpoint holds rank 0's state only
+        loader.load_state_dict(state["loader"], any_world=True)
+        saved_world = int(state["loader"].get("world_size", 1))
+        if saved_world > 1 and env.is_main:
+            print(f"[tessera] warning: this checkpoint holds only rank 0's loader state (of {saved_world} "
+                  f"processes): up to {saved_world - 1} windows are seen twice")
+        return
+    states = state["loaders"]
+    if loader.load_rank_states(states) and env.is_main:
+        print(f"[tessera] the checkpoint was saved by {len(states)} process(es), this run has {env.world_size}: "
+              f"the data continues at window {loader.window} of the global stream, none repeated or skipped; the "
+              f"global batch is {tcfg.batch_size * tcfg.grad_accum * env.world_size} windows")
 
 
 # ----------------------------------------------------------------------------------------------- train
@@ -400,11 +442,46 @@ def train(args) -> dict:
         destroy_distributed()
 
 
+def _lock_run(lock: RunLock, env, only_an_existing_dir: bool) -> None:
+    """Rank 0 takes the run's lock; every rank raises if it could not."""
+    error = None
+    if env.is_main and not (only_an_existing_dir and not lock.path.parent.is_dir()):
+        try:
+            lock.acquire()
+        except RunLockedError as e:
+            error = str(e)
+    error = broadcast_object(error)
+    if error:
+        raise RunLockedError(error)
+
+
 def _train(args, env) -> dict:
+    """Lock --out (rank 0 holds `OUT/.lock` for the life of the run), check the arguments, then train. A run
+    in progress is reported before anything else; bad input fails before --out is created."""
+    lock = RunLock(args.out)
+    try:
+        _lock_run(lock, env, only_an_existing_dir=True)
+        prepare_run(args, env)
+        _lock_run(lock, env, only_an_existing_dir=False)
+        return _train_locked(args, env)
+    finally:
+        lock.release()
+
+
+def _train_locked(args, env) -> dict:
     out = Path(args.out)
+    # Again under the lock: another run may have written --out since the first check.
     mcfg, tcfg, spec, resuming, init = prepare_run(args, env)
     layout = VocabLayout.from_dict(spec["layout"])
     if env.is_main:
+        removed = CheckpointManager(out).clean()
+        if removed:
+            print(f"[tessera] removed what an interrupted save or prune left in {out / 'checkpoints'}: "
+                  f"{', '.join(removed)}")
+        if not resuming:
+            (out / "best.json").unlink(missing_ok=True)  # from an earlier run that left no checkpoint
+            if args.resume:
+                print(f"[tessera] {out} holds no checkpoint yet: starting from step 0")
         write_run_files(out, mcfg, tcfg, spec, args, init)
     barrier()
     dtype = compute_dtype(tcfg, env.device)
@@ -461,7 +538,7 @@ def _train(args, env) -> dict:
         load_full_model_state(model, tensors["model"])
         load_full_optimizer_state(model, optimizer,
                                   unflatten_optimizer_state(tensors["optimizer"], state["optimizer"]))
-        loader.load_state_dict(state["loader"])
+        restore_loader(loader, state, env, tcfg)
         restore_rng(tensors["rng"], state["rng"])
         saved_ema = (tensors["ema"], state["ema"]) if "ema" in tensors else None
         step, nan_skips, tokens_seen = state["step"], state["nan_skips"], state["tokens_seen"]
@@ -510,20 +587,22 @@ def _train(args, env) -> dict:
               f"global batch {tcfg.batch_size * tcfg.grad_accum * env.world_size} x {tcfg.seq_len} tokens")
 
     def save_checkpoint():
-        # Every rank takes part in gathering the full state; only rank 0 receives it and writes.
+        # Every rank takes part in gathering the full state; only rank 0 receives it and writes. Each rank's
+        # loader is at its own place in the global stream, so every rank's state is saved.
         model_sd = full_model_state(model)
         opt_sd = full_optimizer_state(model, optimizer)
         ema_sd = None
         if ema:
             with ema.swapped():  # a copy: on CPU the full state can share the parameters' storage
                 ema_sd = {k: v.clone() for k, v in full_model_state(model).items()}
+        loader_states = all_gather_object(loader.state_dict())
         if env.is_main:
             opt_t, opt_meta = flatten_optimizer_state(opt_sd)
             rng_t, rng_meta = capture_rng()
             ckpt.save(step, {"model": model_sd, "optimizer": opt_t, "rng": rng_t, **({"ema": ema_sd} if ema else {})}, {
-                "optimizer": opt_meta, "rng": rng_meta, "loader": loader.state_dict(), "nan_skips": nan_skips,
-                "tokens_seen": tokens_seen, "train": to_dict(tcfg), "schedule": budget.state_dict(),
-                **({"ema": ema.state_dict()} if ema else {}),
+                "optimizer": opt_meta, "rng": rng_meta, "world_size": env.world_size, "loaders": loader_states,
+                "nan_skips": nan_skips, "tokens_seen": tokens_seen, "train": to_dict(tcfg),
+                "schedule": budget.state_dict(), **({"ema": ema.state_dict()} if ema else {}),
             })
             if not tcfg.keep_best:
                 save_tensors(out / "model.safetensors", ema_sd if ema else model_sd, metadata={"format": "pt"})
@@ -685,6 +764,8 @@ def add_pretrain_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--init-from", metavar="PATH",
                    help="start from the weights of a tessera run, or of a local Hugging Face Llama, Qwen2 or Qwen3 "
                         "directory (safetensors), with a new optimizer, schedule and loader")
+    p.add_argument("--force", action="store_true",
+                   help="start over in an --out whose earlier run left no checkpoint (its metrics.jsonl is replaced)")
     add_budget_arguments(p)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a training key (lr=1e-3) or a model key (model.dim=512)")
