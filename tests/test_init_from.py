@@ -158,7 +158,7 @@ def test_a_tessera_run_continues_with_the_same_weights_and_a_grown_vocabulary(co
     grown_run = tmp_path / "grown"
     grown_run.mkdir()
     pretrain.write_run_files(grown_run, grown.cfg, pretrain.TrainConfig(), read_bundle_spec(codec_bundle),
-                             types.SimpleNamespace(tokenizer=str(codec_bundle), data=".", eval_data=None))
+                             types.SimpleNamespace(tokenizer=str(codec_bundle), data=str(corpus / "shards"), eval_data=None))
     pretrain.save_inference_weights(grown_run, grown)
     with pytest.raises(init_from.InitFromError, match="no image codec.*may grow, not shrink"):
         init_from.plan(grown_run, read_bundle_spec(corpus / "bundle"), pretrain.TrainConfig(), None, [])
