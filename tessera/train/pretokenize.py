@@ -66,6 +66,7 @@ from PIL import Image
 from tessera.data.readers import (FORMATS, READERS, ROLES, Blob, Document, Reader, ReaderOptions, Skip,
                                   file_fingerprint, open_readers, plan_lines)
 from tessera.errors import TesseraError
+from tessera.storage import read_json
 from tessera.tokenizers.bundle import read_bundle_spec
 from tessera.tokenizers.layout import MODALITIES, VocabLayout
 from tessera.tokenizers.multimodal import MultimodalTokenizer
@@ -85,6 +86,7 @@ from tessera.train.shards import (
     write_source_index,
 )
 from tessera.unimodal.media import DEFAULT_MAX_PIXELS, MediaError, SkipLog, load_audio, load_image
+from tessera.unimodal.protocol import fit_image_area
 
 # Fault injection for tests: a worker process (never the main one) that reaches this "FILE:LINE" of an input
 # kills itself with SIGKILL, as the out-of-memory killer would.
@@ -107,6 +109,10 @@ class PretokenizeConfig:
     text_first: bool = False  # a caption or transcript before its media (default: after)
     split: str | None = None  # the split of a saved Hugging Face DatasetDict (default: train)
     source: str | None = None  # every document's source (default: per input, see docs/data.md)
+    min_image_side: int = 0  # an image with a shorter side is filtered out (min_image_side)
+    max_aspect_ratio: float = 0.0  # an image longer than this times its width, or wider, is filtered out
+    image_max_pixels: int = 0  # images are scaled down to at most this many pixels before encoding (0: no bound)
+    dedup: bool = False  # a document whose tokens and mask equal an earlier one's is dropped (duplicate)
 
     def reader_options(self) -> ReaderOptions:
         return ReaderOptions(format=self.format, columns=dict(self.columns), text_first=self.text_first,
@@ -115,7 +121,13 @@ class PretokenizeConfig:
 
 
 # settings that change what the documents are: a resumed run (or a part of a distributed one) must share them
-READER_KEYS = {"columns": {}, "text_first": False, "split": None, "source": None}
+READER_KEYS = {"columns": {}, "text_first": False, "split": None, "source": None, "min_image_side": 0,
+               "max_aspect_ratio": 0.0, "image_max_pixels": 0, "dedup": False}
+
+
+class Filtered(Skip):
+    """A usable sample that a filter (--min-image-side, --max-aspect-ratio) leaves out: counted apart from
+    the bad samples, in the manifest's `filtered`, and never an error under --strict."""
 
 
 # --------------------------------------------------------------------------------------- chunk planning
@@ -226,10 +238,17 @@ def _prepare(doc: Document, tok, cfg: PretokenizeConfig, pending) -> tuple[list,
                 if tok.image_codec is None:
                     raise Skip("no_image_codec", "the document has an image but the bundle has no image codec")
                 im = load_image(source, max_pixels=cfg.max_image_pixels, name=name)
+                if cfg.min_image_side and min(im.size) < cfg.min_image_side:
+                    raise Filtered("min_image_side", f"{name}: {im.width}x{im.height} has a side under "
+                                                     f"--min-image-side {cfg.min_image_side}")
+                if cfg.max_aspect_ratio and max(im.size) > cfg.max_aspect_ratio * min(im.size):
+                    raise Filtered("aspect_ratio", f"{name}: {im.width}x{im.height} is more elongated than "
+                                                   f"--max-aspect-ratio {cfg.max_aspect_ratio:g}")
                 f = tok.image_codec.info.downsample
                 if min(im.size) < f:
                     raise Skip("too_small", f"{name}: {im.width}x{im.height} is smaller than one {f}x{f} code")
-                w, h = tok.image_size_for(im)
+                info = tok.image_codec.info
+                w, h = fit_image_area(im.width, im.height, f, cfg.image_max_pixels, info.max_size)
                 grid = tok.layout.max_grid
                 if h // f > grid or w // f > grid:
                     raise Skip("grid_too_large", f"{name}: its {h // f}x{w // f} grid is larger than the bundle's "
@@ -347,9 +366,9 @@ def _encode_chunk(task: tuple[int, tuple[int, object]]) -> dict:
     tok, cfg = _W["tok"], _W["cfg"]
     kill_at = os.environ.get(KILL_AT_ENV) if started is not None else None
     reader = _W["readers"][fi]
-    skips = SkipLog()
+    skips, filtered = SkipLog(), SkipLog()
     media = _Media(tok, _W["cache"], cfg.max_media_bytes, _W["stats"])
-    docs, sources = [], []
+    docs, sources, wheres = [], [], []
     for where, record in reader.records(spec):
         if kill_at == where:
             os.kill(os.getpid(), signal.SIGKILL)
@@ -359,6 +378,9 @@ def _encode_chunk(task: tuple[int, tuple[int, object]]) -> dict:
             if isinstance(record, Skip):
                 raise record
             items, new = _prepare(record, tok, cfg, media)
+        except Filtered as e:
+            filtered.add(e.reason, f"{where}: {e}")
+            continue
         except Skip as e:
             if cfg.strict:
                 raise ShardError(f"{where}: {e} (--strict)") from None
@@ -367,6 +389,7 @@ def _encode_chunk(task: tuple[int, tuple[int, object]]) -> dict:
         media.add(new)
         docs.append(items)
         sources.append(record.source or reader.default_source)
+        wheres.append(where)
     media.flush()
     toks, masks = zip(*(_assemble(tok, d, media.codes) for d in docs)) if docs else ((), ())
     offsets = np.cumsum([0] + [len(t) for t in toks])
@@ -377,9 +400,58 @@ def _encode_chunk(task: tuple[int, tuple[int, object]]) -> dict:
         "mask": np.concatenate(masks) if masks else np.zeros(0, np.uint8),
         "index": offsets.astype(np.uint64),
         "sources": sources,
+        "wheres": wheres,
         "skips": skips.to_dict(),
+        "filtered": filtered.to_dict(),
         "lines": reader.size(spec),
     }
+
+
+# ------------------------------------------------------------------------------------------ duplicates
+def _digests(tokens: np.ndarray, mask: np.ndarray, index: np.ndarray) -> list[bytes]:
+    """A 128-bit BLAKE2 digest of each document's tokens and loss mask: its content, for --dedup."""
+    out = []
+    for a, b in zip(index[:-1].astype(np.int64), index[1:].astype(np.int64)):
+        h = hashlib.blake2b(tokens[a:b].tobytes(), digest_size=16)
+        h.update(mask[a:b].tobytes())
+        out.append(h.digest())
+    return out
+
+
+def _seen(out: Path, shards: list[dict]) -> set[bytes]:
+    """The digests of the documents of shards already written (a resumed --dedup run)."""
+    seen: set[bytes] = set()
+    for s in shards:
+        arrays = {x: np.fromfile(out / f"{s['name']}.{x}", dtype=SUFFIXES[x]) for x in ("tokens", "mask", "index")}
+        seen.update(_digests(arrays["tokens"], arrays["mask"], arrays["index"]))
+    return seen
+
+
+def _keep(keep: np.ndarray, tokens: np.ndarray, mask: np.ndarray, index: np.ndarray):
+    """The documents where `keep` is true: (tokens, mask, index)."""
+    index = index.astype(np.int64)
+    spans = [(a, b) for a, b, k in zip(index[:-1], index[1:], keep) if k]
+    if not spans:
+        return np.zeros(0, tokens.dtype), np.zeros(0, mask.dtype), np.zeros(1, np.uint64)
+    sel = np.concatenate([np.arange(a, b) for a, b in spans])
+    new_index = np.cumsum([0] + [b - a for a, b in spans]).astype(np.uint64)
+    return tokens[sel], mask[sel], new_index
+
+
+def _drop_duplicates(res: dict, seen: set[bytes], filtered: SkipLog) -> None:
+    """Remove from a chunk's result the documents whose content was seen before (in chunk order)."""
+    keep = np.ones(len(res["index"]) - 1, dtype=bool)
+    for i, d in enumerate(_digests(res["tokens"], res["mask"], res["index"])):
+        if d in seen:
+            keep[i] = False
+            filtered.add("duplicate", f"{res['wheres'][i]}: the same tokens as an earlier document")
+        else:
+            seen.add(d)
+    if keep.all():
+        return
+    res["tokens"], res["mask"], res["index"] = _keep(keep, res["tokens"], res["mask"], res["index"])
+    res["sources"] = [s for s, k in zip(res["sources"], keep) if k]
+    res["wheres"] = [w for w, k in zip(res["wheres"], keep) if k]
 
 
 class _WorkerDied(Exception):
@@ -567,7 +639,8 @@ def _pretokenize(spec: dict, bundle: Path, readers: list[Reader], out: Path, cfg
             "layout": spec["layout"], "bundle": str(bundle.resolve()), "inputs": prints, "config": asdict(cfg),
             "shards": [], "sources": [], "docs": 0, "lines": 0,
             "tokens": {"total": 0, **{m: 0 for m in MODALITIES}}, "tokens_by_source": {},
-            "skipped": SkipLog().to_dict(), "complete": False,
+            "skipped": SkipLog().to_dict(), "filtered": SkipLog().to_dict(),
+            "image_policy": _image_policy(bundle, cfg), "complete": False,
         }
         if part is not None:
             manifest["part"] = dict(part)
@@ -578,8 +651,10 @@ def _pretokenize(spec: dict, bundle: Path, readers: list[Reader], out: Path, cfg
     done = len(manifest["shards"])
     todo = [chunks[k] for k in mine[done:]]
     modality = layout.modality_table()
-    skips = SkipLog()
+    skips, filtered = SkipLog(), SkipLog()
     skips.merge(manifest["skipped"])
+    filtered.merge(manifest.get("filtered", {}))
+    seen = _seen(out, manifest["shards"]) if cfg.dedup else None
     n_lines = sum(readers[fi].size(c) for fi, c in todo)
     workers = max(1, cfg.workers)
     init_args = (str(bundle), asdict(cfg), [(r.format, str(r.path)) for r in readers], local_rank)
@@ -598,6 +673,9 @@ def _pretokenize(spec: dict, bundle: Path, readers: list[Reader], out: Path, cfg
             results = pool.results()
         for i, res in enumerate(results, start=done):
             name = f"shard_{i:05d}"
+            filtered.merge(res["filtered"])
+            if seen is not None:
+                _drop_duplicates(res, seen, filtered)
             src_ids = []
             for s in res["sources"]:
                 if s not in manifest["sources"]:
@@ -620,12 +698,13 @@ def _pretokenize(spec: dict, bundle: Path, readers: list[Reader], out: Path, cfg
                 manifest["tokens_by_source"][s] = manifest["tokens_by_source"].get(s, 0) + int(length)
             skips.merge(res["skips"])
             manifest["skipped"] = skips.to_dict()
+            manifest["filtered"] = filtered.to_dict()
             write_manifest(out, manifest)
             new_tokens += len(res["tokens"])
             bar.update(res["lines"])
             dt = max(1e-9, time.perf_counter() - t0)
             bar.set_postfix(docs_s=f"{bar.n / dt:.0f}", tok_s=f"{new_tokens / dt:.0f}", skipped=skips.total,
-                            refresh=False)
+                            filtered=filtered.total, refresh=False)
         ok = True
     except _WorkerDied as e:
         n = len(manifest["shards"])
@@ -644,6 +723,19 @@ def _pretokenize(spec: dict, bundle: Path, readers: list[Reader], out: Path, cfg
     manifest["seconds"] = round(time.perf_counter() - t0, 2)
     write_manifest(out, manifest)
     return manifest
+
+
+def _image_policy(bundle: Path, cfg: PretokenizeConfig) -> dict | None:
+    """How images are sized before encoding, from the bundle's image codec and the settings."""
+    try:
+        info = read_json(bundle / "image" / "codec.json")["info"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # no image codec in the bundle
+    return {"factor": info["downsample"], "max_side": info.get("max_size") or None,
+            "max_pixels": cfg.image_max_pixels or None, "aspect_ratio": "kept",
+            "rounding": "each side to the nearest multiple of factor (down, when max_pixels scales it)",
+            "resample": "bicubic", "min_side": cfg.min_image_side or None,
+            "max_aspect_ratio": cfg.max_aspect_ratio or None}
 
 
 # --------------------------------------------------------------------------------------------- merging
@@ -736,15 +828,53 @@ def _merge(out: Path, parts: list[Path], quiet: bool, progress: bool) -> dict | 
         "layout": ref["layout"], "bundle": ref["bundle"], "inputs": ref["inputs"], "config": ref["config"],
         "shards": [], "sources": [], "docs": 0, "lines": 0,
         "tokens": {"total": 0, **{m: 0 for m in MODALITIES}}, "tokens_by_source": {},
-        "skipped": SkipLog().to_dict(), "complete": False, "parts": summary,
+        "skipped": SkipLog().to_dict(), "filtered": SkipLog().to_dict(), "image_policy": ref.get("image_policy"),
+        "complete": False, "parts": summary,
     }
+    skips, filtered = SkipLog(), SkipLog()
+    for r in range(world):
+        m = found[r][1]
+        merged["docs"] += m["docs"]
+        merged["lines"] += m["lines"]
+        for key in merged["tokens"]:
+            merged["tokens"][key] += m["tokens"][key]
+        skips.merge(m["skipped"])
+        filtered.merge(m.get("filtered", {}))
+    # --dedup: each part dropped the repeats within itself; the repeats across parts go here, in chunk order
+    seen = set() if ref["config"].get("dedup") else None
+    modality = VocabLayout.from_dict(ref["layout"]).modality_table()
     by_source: list[int] = []
     for k in range(n_chunks):
         p, m, s = by_chunk[k]
         name = f"shard_{k:05d}"
-        for suffix in ("tokens", "index", "mask"):
-            _link(p / f"{s['name']}.{suffix}", out / f"{name}.{suffix}")
         local = np.fromfile(p / f"{s['name']}.source", dtype=np.uint16).astype(np.int64)
+        index = np.fromfile(p / f"{s['name']}.index", dtype=np.uint64)
+        keep = np.ones(len(local), dtype=bool)
+        if seen is not None:
+            tokens = np.fromfile(p / f"{s['name']}.tokens", dtype=np.uint32)
+            mask = np.fromfile(p / f"{s['name']}.mask", dtype=np.uint8)
+            for i, d in enumerate(_digests(tokens, mask, index)):
+                keep[i] = d not in seen
+                seen.add(d)
+        if keep.all():
+            for suffix in ("tokens", "index", "mask"):
+                _link(p / f"{s['name']}.{suffix}", out / f"{name}.{suffix}")
+        else:
+            dropped = ~keep
+            a, b = index[:-1].astype(np.int64), index[1:].astype(np.int64)
+            gone = np.concatenate([tokens[x:y] for x, y in zip(a[dropped], b[dropped])]).astype(np.int64)
+            counts = np.bincount(modality[gone], minlength=len(MODALITIES))
+            merged["docs"] -= int(dropped.sum())
+            merged["tokens"]["total"] -= len(gone)
+            for mod, c in zip(MODALITIES, counts):
+                merged["tokens"][mod] -= int(c)
+            for i in np.nonzero(dropped)[0]:
+                filtered.add("duplicate", f"{p.name}/{s['name']} document {i}: the same tokens as an earlier "
+                                          f"document of another part")
+            tokens, mask, index = _keep(keep, tokens, mask, index)
+            local = local[keep]
+            for suffix, arr in (("tokens", tokens), ("index", index), ("mask", mask)):
+                _atomic_array(out / f"{name}.{suffix}", arr.astype(SUFFIXES[suffix]))
         mapping = np.zeros(len(m["sources"]), np.int64)
         _, first = np.unique(local, return_index=True)
         for i in local[np.sort(first)]:  # sources new to the merged set, in order of first appearance
@@ -755,18 +885,10 @@ def _merge(out: Path, parts: list[Path], quiet: bool, progress: bool) -> dict | 
             mapping[i] = merged["sources"].index(src)
         ids = mapping[local]
         _atomic_array(out / f"{name}.source", ids.astype(SUFFIXES["source"]))
-        index = np.fromfile(p / f"{s['name']}.index", dtype=np.uint64).astype(np.int64)
-        for g, length in zip(ids, np.diff(index)):
+        for g, length in zip(ids, np.diff(index.astype(np.int64))):
             by_source[g] += int(length)
-        merged["shards"].append({"name": name, "docs": s["docs"], "tokens": s["tokens"]})
-    skips = SkipLog()
-    for r in range(world):
-        m = found[r][1]
-        merged["docs"] += m["docs"]
-        merged["lines"] += m["lines"]
-        for key in merged["tokens"]:
-            merged["tokens"][key] += m["tokens"][key]
-        skips.merge(m["skipped"])
+        merged["shards"].append({"name": name, "docs": len(ids), "tokens": int(index[-1])})
+    merged["filtered"] = filtered.to_dict()
     merged["skipped"] = skips.to_dict()
     merged["tokens_by_source"] = dict(zip(merged["sources"], by_source))
     keep = {f"{s['name']}.{x}" for s in merged["shards"] for x in SUFFIXES}
@@ -810,6 +932,15 @@ def add_pretokenize_arguments(p) -> None:
                    help="put a caption or transcript before its image or audio (default: after)")
     p.add_argument("--split", help="the split of a saved Hugging Face DatasetDict (default: train)")
     p.add_argument("--source", help="the source name of every document (default: per input; see docs/data.md)")
+    p.add_argument("--min-image-side", type=int, default=0, metavar="PX",
+                   help="leave out images with a side shorter than PX pixels (counted as filtered: min_image_side)")
+    p.add_argument("--max-aspect-ratio", type=float, default=0.0, metavar="R",
+                   help="leave out images whose longer side exceeds R times the shorter (filtered: aspect_ratio)")
+    p.add_argument("--image-max-pixels", type=int, default=0, metavar="N",
+                   help="scale images down (aspect ratio kept) to at most N pixels before encoding, each side a "
+                        "multiple of the codec's factor (default: the codec's own size bound only)")
+    p.add_argument("--dedup", action="store_true",
+                   help="drop a document whose tokens and mask equal an earlier one's (filtered: duplicate)")
     p.add_argument("--workers", type=int, default=PretokenizeConfig.workers)
     p.add_argument("--docs-per-shard", type=int, default=PretokenizeConfig.docs_per_shard)
     p.add_argument("--max-audio-seconds", type=float, default=PretokenizeConfig.max_audio_seconds,
@@ -838,6 +969,11 @@ def run_pretokenize(args) -> int:
             raise TesseraError(f"--{flag.replace('_', '-')} must be > 0, got {getattr(args, flag)}")
     if args.docs_per_shard < 1:
         raise TesseraError(f"--docs-per-shard must be >= 1, got {args.docs_per_shard}")
+    for flag in ("min_image_side", "image_max_pixels"):
+        if getattr(args, flag) < 0:
+            raise TesseraError(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
+    if args.max_aspect_ratio and not args.max_aspect_ratio >= 1:
+        raise TesseraError(f"--max-aspect-ratio must be >= 1 (or 0: off), got {args.max_aspect_ratio}")
     env_rank, env_world, local_rank = distributed_env()
     rank = env_rank if args.rank is None else args.rank
     world = env_world if args.world_size is None else args.world_size
@@ -846,7 +982,9 @@ def run_pretokenize(args) -> int:
                             max_media_bytes=int(args.max_media_mb * 2**20),
                             allow_outside_paths=args.allow_outside_paths, device=args.device, format=args.format,
                             columns=_parse_columns(args.column), text_first=args.text_first, split=args.split,
-                            source=args.source)
+                            source=args.source, min_image_side=args.min_image_side,
+                            max_aspect_ratio=args.max_aspect_ratio, image_max_pixels=args.image_max_pixels,
+                            dedup=args.dedup)
     m = pretokenize(args.tokenizer, args.input, args.out, cfg, force=args.force, rank=rank, world_size=world,
                     local_rank=local_rank)
     t = m["tokens"]
@@ -857,6 +995,9 @@ def run_pretokenize(args) -> int:
     if sk["total"]:
         print(f"skipped {sk['total']}: " + ", ".join(f"{k}={v}" for k, v in sk["counts"].items())
               + f" (details in {Path(where) / 'manifest.json'})")
+    fl = m.get("filtered", {})
+    if fl.get("total"):
+        print(f"filtered {fl['total']}: " + ", ".join(f"{k}={v}" for k, v in fl["counts"].items()))
     return 0
 
 
@@ -869,6 +1010,7 @@ def run_pretokenize_merge(args) -> int:
     t = m["tokens"]
     print(f"{args.out}: {len(m['parts'])} parts merged: {m['docs']} documents, {t['total']} tokens (text "
           f"{t['text']}, image {t['image']}, audio {t['audio']}) in {len(m['shards'])} shard(s)")
-    if m["skipped"]["total"]:
-        print(f"skipped {m['skipped']['total']}: " + ", ".join(f"{k}={v}" for k, v in m["skipped"]["counts"].items()))
+    for what in ("skipped", "filtered"):
+        if m.get(what, {}).get("total"):
+            print(f"{what} {m[what]['total']}: " + ", ".join(f"{k}={v}" for k, v in m[what]["counts"].items()))
     return 0
