@@ -342,3 +342,15 @@ def test_an_interrupted_run_of_each_format_resumes_and_matches(codec_bundle, tmp
         os.utime(source / "3.txt" if source.is_dir() else source, ns=(0, 0))
         with pytest.raises(ShardError, match="other inputs"):
             pt.pretokenize(codec_bundle, [source], tmp_path / "s", c, progress=False)
+
+
+def test_arrow_files_of_either_ipc_format_are_read(tmp_path):
+    table = pa.table({"text": ["a", "b", "c"]})
+    with pa.ipc.new_file(tmp_path / "file.arrow", table.schema) as w:  # random-access ("Feather v2") format
+        w.write_table(table)
+    with pa.ipc.new_stream(tmp_path / "stream.arrow", table.schema) as w:  # the format datasets writes
+        w.write_table(table, max_chunksize=2)
+    for name in ("file.arrow", "stream.arrow"):
+        reader = rd.open_readers([tmp_path / name], rd.ReaderOptions())[0]
+        docs = [d for spec in reader.plan(2) for _, d in reader.records(spec)]
+        assert [d.segments for d in docs] == [[("text", t, True)] for t in "abc"], name

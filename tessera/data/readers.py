@@ -739,22 +739,30 @@ class HFDiskReader(_TableReader):
     def _label(self, fi: int) -> str:
         return self._paths[fi].relative_to(self.path.parent).as_posix()
 
-    def _stream(self, fi: int):
+    def _open(self, fi: int):
+        """(schema, record batches) of an Arrow IPC file: the stream format `datasets` writes, or the file
+        (random access) format."""
         import pyarrow as pa
 
-        return pa.ipc.open_stream(pa.memory_map(str(self._paths[fi])))
+        source = pa.memory_map(str(self._paths[fi]))
+        try:
+            stream = pa.ipc.open_stream(source)
+            return stream.schema, stream
+        except pa.ArrowInvalid:
+            f = pa.ipc.open_file(source)
+            return f.schema, (f.get_batch(i) for i in range(f.num_record_batches))
 
     def _schema(self, fi: int) -> list[str]:
-        return list(self._stream(fi).schema.names)
+        return list(self._open(fi)[0].names)
 
     def _rows(self, fi: int) -> int:
         if fi not in self._counts:  # memory-mapped: counting reads batch headers, not the data
-            self._counts[fi] = sum(b.num_rows for b in self._stream(fi))
+            self._counts[fi] = sum(b.num_rows for b in self._open(fi)[1])
         return self._counts[fi]
 
     def _batches(self, fi, start, n, columns):
         at = 0
-        for batch in self._stream(fi):
+        for batch in self._open(fi)[1]:
             lo, hi = max(start, at), min(start + n, at + batch.num_rows)
             if lo < hi:
                 part = batch.slice(lo - at, hi - lo).select(columns)
