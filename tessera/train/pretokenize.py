@@ -162,6 +162,8 @@ def _init_worker(bundle: str, cfg_dict: dict, inputs: list[tuple[str, str]], loc
     if started is not None:  # a worker process: Ctrl-C is the main process's to handle (it stops the workers)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
     cfg = PretokenizeConfig(**cfg_dict)
+    if torch.cuda.is_available():  # torchrun rank r encodes on GPU LOCAL_RANK, shared when ranks outnumber GPUs
+        local_rank %= torch.cuda.device_count()
     device = resolve_device(cfg.device, local_rank)
     opts = cfg.reader_options()
     _W.update(tok=load_bundle(bundle, device=device), cfg=cfg, readers=[READERS[f](p, opts) for f, p in inputs],
@@ -821,7 +823,8 @@ def _merge(out: Path, parts: list[Path], quiet: bool, progress: bool) -> dict | 
         if "parts" not in old:
             raise ShardError(f"{out} holds the shards of a one-process run: the parts cannot be merged into it")
         if old.get("complete") and [(x["dir"], x["shards"], x["docs"]) for x in old["parts"]] == \
-                [(x["dir"], x["shards"], x["docs"]) for x in summary] and old["inputs"] == ref["inputs"]:
+                [(x["dir"], x["shards"], x["docs"]) for x in summary] and old["inputs"] == ref["inputs"] and \
+                old["config"] == ref["config"] and old["tokenizer_hash"] == ref["tokenizer_hash"]:
             return old  # merged already
     merged = {
         "format": SHARDS_FORMAT, "version": SHARDS_VERSION, "tokenizer_hash": ref["tokenizer_hash"],
