@@ -32,7 +32,10 @@ COMMANDS = [
     (("data", "digits"), "tessera.eval.digits", "build",
      "build the offline tri-modal digits corpus (images, espeak-ng speech, text)"),
     (("data", "pretokenize"), "tessera.train.pretokenize", "pretokenize",
-     "documents.jsonl -> token shards, with several worker processes"),
+     "documents (JSONL, WebDataset tars, Parquet, saved HF datasets, image folders, LibriSpeech, Common Voice) "
+     "-> token shards, with worker processes and optionally several ranks"),
+    (("data", "pretokenize-merge"), "tessera.train.pretokenize", "pretokenize_merge",
+     "merge the parts of a distributed pretokenize into one shard set"),
     (("train",), "tessera.train.pretrain", "pretrain",
      "pretrain the decoder (same as python -m tessera.train.pretrain; use torchrun for several processes)"),
     (("generate",), "tessera.model.generate_cli", "generate",

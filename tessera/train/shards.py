@@ -68,15 +68,23 @@ class OutputLock:
     two runs lock two different files of the same name.
     """
 
-    def __init__(self, directory: str | os.PathLike, what: str = "tessera data pretokenize"):
+    def __init__(self, directory: str | os.PathLike, what: str = "tessera data pretokenize", wait: float = 0.0):
         self.path, self.fd = Path(directory) / LOCK_NAME, None
         try:
             import fcntl
         except ImportError:  # no flock on this platform: nothing to hold
             return
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        deadline = time.monotonic() + wait
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        raise
+                    time.sleep(0.1)
         except BlockingIOError:
             os.close(fd)
             raise ShardError(f"{directory} is in use by another run ({describe_lock_holder(self.path)}); wait for "
@@ -110,9 +118,11 @@ def describe_lock_holder(path: Path) -> str:
         return f"the holder of {path}"
 
 
-def lock_output_dir(directory: str | os.PathLike, what: str = "tessera data pretokenize") -> OutputLock:
-    """Hold `directory` for this process, or raise `ShardError` naming the run that holds it."""
-    return OutputLock(directory, what)
+def lock_output_dir(directory: str | os.PathLike, what: str = "tessera data pretokenize",
+                    wait: float = 0.0) -> OutputLock:
+    """Hold `directory` for this process, or raise `ShardError` naming the run that holds it (after waiting up
+    to `wait` seconds for it to end)."""
+    return OutputLock(directory, what, wait)
 
 
 def write_shard(out: Path, name: str, tokens: np.ndarray, index: np.ndarray, mask: np.ndarray,

@@ -131,12 +131,13 @@ def to_rgb(im: Image.Image, background=(255, 255, 255)) -> Image.Image:
     return im
 
 
-def load_image(source, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+def load_image(source, *, max_pixels: int = DEFAULT_MAX_PIXELS, name: str | None = None) -> Image.Image:
     """Open an image file (path, bytes or file object) as 8-bit RGB with EXIF orientation applied.
 
-    Raises `MediaError` with reason "missing", "corrupt" or "too_large".
+    Raises `MediaError` with reason "missing", "corrupt" or "too_large"; its message starts with `name`
+    (default: the path, or "<image>").
     """
-    name = str(source) if isinstance(source, (str, os.PathLike)) else "<image>"
+    name = name or (str(source) if isinstance(source, (str, os.PathLike)) else "<image>")
     if isinstance(source, (str, os.PathLike)) and not Path(source).is_file():
         raise MediaError("missing", f"{name}: no such file")
     if isinstance(source, bytes):
@@ -238,6 +239,7 @@ def load_audio(
     sample_rate: int | None = None,
     max_seconds: float | None = DEFAULT_MAX_AUDIO_SECONDS,
     mono: bool = True,
+    name: str | None = None,
 ) -> Audio:
     """Read an audio file with soundfile, mix to mono and resample to `sample_rate` (if given).
 
@@ -245,9 +247,9 @@ def load_audio(
     "out_of_range" (a sample beyond +-`MAX_SAMPLE_ABS`), "bad_sample_rate" (outside `MIN_SAMPLE_RATE` to
     `MAX_SAMPLE_RATE`) or "decode_error" (resampling failed). The duration cap is checked from the header,
     before the samples are read. Callers that want long files split instead of refused read them with
-    `max_seconds=None` and call `split_audio`.
+    `max_seconds=None` and call `split_audio`. Messages start with `name` (default: the path, or "<audio>").
     """
-    name = str(source) if isinstance(source, (str, os.PathLike)) else "<audio>"
+    name = name or (str(source) if isinstance(source, (str, os.PathLike)) else "<audio>")
     if isinstance(source, (str, os.PathLike)) and not Path(source).is_file():
         raise MediaError("missing", f"{name}: no such file")
     if isinstance(source, bytes):

@@ -81,3 +81,21 @@ def fit_image_size(width: int, height: int, factor: int, max_side: int = 0) -> t
     if max_side:
         w, h = min(w, max_side // factor * factor), min(h, max_side // factor * factor)
     return w, h
+
+
+def fit_image_area(width: int, height: int, factor: int, max_pixels: int, max_side: int = 0) -> tuple[int, int]:
+    """`fit_image_size`, and then, when that holds more than `max_pixels`, the image scaled down (aspect ratio
+    kept) to at most `max_pixels`, each side rounded down to a multiple of `factor`. A side is never less than
+    one code; when a very elongated image holds its short side at one code, its long side takes the rest of
+    the budget."""
+    w, h = fit_image_size(width, height, factor, max_side)
+    if max_pixels and w * h > max_pixels:
+        scale = (max_pixels / (width * height)) ** 0.5
+        w = max(factor, int(width * scale / factor) * factor)
+        h = max(factor, int(height * scale / factor) * factor)
+        if w * h > max_pixels:  # a side held at one code
+            if h == factor:
+                w = max(factor, max_pixels // h // factor * factor)
+            else:
+                h = max(factor, max_pixels // w // factor * factor)
+    return w, h

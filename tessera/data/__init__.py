@@ -1,0 +1,1 @@
+"""Corpus formats: readers that turn each into documents for `tessera data pretokenize`."""
