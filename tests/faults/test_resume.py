@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -68,10 +69,21 @@ def same_weights(a, b) -> bool:
     return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-def torchrun(out_args, port):
+def free_port() -> int:
+    """A port no one listens on now: a fixed one could meet another job's rendezvous on a shared machine."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun_cmd(out_args):
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+            "-m", "tessera.train.pretrain", *out_args]
+
+
+def torchrun(out_args):
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
-           "-m", "tessera.train.pretrain", *out_args]
+    cmd = torchrun_cmd(out_args)
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     return r
@@ -86,8 +98,8 @@ def two_process_runs(corpus, tmp_path_factory):
     """A straight two-process run of STEPS steps, and one stopped after CUT (a checkpoint, then the end)."""
     d = tmp_path_factory.mktemp("ddp")
     fixed = ("--set", f"steps={STEPS}")
-    torchrun(args(corpus, d / "straight", *fixed, "--max-steps", str(STEPS)), port=29541)
-    torchrun(args(corpus, d / "cut", *fixed, "--max-steps", str(CUT)), port=29542)
+    torchrun(args(corpus, d / "straight", *fixed, "--max-steps", str(STEPS)))
+    torchrun(args(corpus, d / "cut", *fixed, "--max-steps", str(CUT)))
     return d
 
 
@@ -95,7 +107,7 @@ def test_two_process_resume_matches_a_straight_run(corpus, two_process_runs, tmp
     """Every rank's loader state is saved and restored: rank 1 does not rerun its last window after a resume."""
     run = tmp_path / "resumed"
     shutil.copytree(two_process_runs / "cut", run)
-    torchrun(args(corpus, run, "--resume", "--max-steps", str(STEPS)), port=29543)
+    torchrun(args(corpus, run, "--resume", "--max-steps", str(STEPS)))
     straight = losses(two_process_runs / "straight")
     assert len(straight) == STEPS
     assert losses(run) == straight  # bit-identical, the steps after the resume included
@@ -313,12 +325,10 @@ def test_kill_9_under_torchrun_then_resume_matches_a_straight_run(corpus, two_pr
     """The same for two processes, torchrun and both workers killed at once (a lost node): the resumed run's
     losses and final weights are the straight two-process run's, bit for bit."""
     run = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29544",
-           "-m", "tessera.train.pretrain",
-           *args(corpus, run, "--set", f"steps={STEPS}", "--set", "ckpt_every=2", "--max-steps", str(STEPS))]
+    cmd = torchrun_cmd(args(corpus, run, "--set", f"steps={STEPS}", "--set", "ckpt_every=2", "--max-steps", str(STEPS)))
     killed_at = kill_after_first_checkpoint(cmd, run, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert killed_at is not None and killed_at < STEPS
     assert max(r["step"] for r in read_metrics(run)) < STEPS  # killed before the end
-    torchrun(args(corpus, run, "--resume", "--max-steps", str(STEPS), "--set", "ckpt_every=0"), port=29545)
+    torchrun(args(corpus, run, "--resume", "--max-steps", str(STEPS), "--set", "ckpt_every=0"))
     assert losses(run) == losses(two_process_runs / "straight")
     assert same_weights(run, two_process_runs / "straight")
