@@ -6,6 +6,9 @@ The codecs let the span logic of the multimodal tokenizer be tested exactly: `en
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import torch
 
 from tessera.unimodal.protocol import CodecInfo
@@ -146,3 +149,60 @@ def codec_train_argv(kind: str, data, out, *extra: str) -> list[str]:
     sets = [a for s in CODEC_MICRO[kind] for a in ("--set", s)]
     return ["tokenizer", "train", kind, "--data", str(data), "--out", str(out), "--no-progress", "--device", "cpu",
             *sets, *extra]
+
+
+def process_tree(pid: int) -> list[int]:
+    """pid and all its descendants (Linux /proc). torchrun starts its workers in sessions of their own, so
+    killing its process group would leave them running."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                ppid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    tree, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        tree.append(p)
+        todo += children.get(p, [])
+    return tree
+
+
+def gone(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except (OSError, IndexError):
+        return True
+
+
+def kill_when(cmd, ready, env=None) -> None:
+    """Start `cmd`, and SIGKILL it and every process it started as soon as `ready()` is true (whatever they
+    are doing then), as the out-of-memory killer or a lost node would."""
+    import contextlib
+    import signal
+    import subprocess
+    import time
+
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    tree = [proc.pid]
+    try:
+        deadline = time.monotonic() + 600
+        while not ready():
+            assert proc.poll() is None, "the run ended before it could be killed"
+            assert time.monotonic() < deadline, "not ready after 600 s"
+            time.sleep(0.002)
+        tree = process_tree(proc.pid)
+        for pid in tree:
+            os.kill(pid, signal.SIGKILL)
+    finally:
+        for pid in tree:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        proc.wait()
+    deadline = time.monotonic() + 60
+    while not all(gone(pid) for pid in tree[1:]):
+        assert time.monotonic() < deadline, "a killed worker is still running"
+        time.sleep(0.01)
+    assert proc.returncode == -signal.SIGKILL

@@ -1,20 +1,18 @@
 """Resume is exact after any interruption: under torchrun, after kill -9, with half-deleted checkpoints; and it
 refuses data other than the run's."""
 
-import contextlib
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from fixtures import kill_when
 
 from tessera.storage import load_tensors
 from tessera.tokenizers import build_bundle
@@ -251,56 +249,9 @@ def test_a_checkpoint_without_its_completion_marker_is_never_loaded(corpus, tmp_
 
 
 # ------------------------------------------------------------------------------------ 5. kill -9, resume
-def _process_tree(pid: int) -> list[int]:
-    """pid and all its descendants (Linux /proc). torchrun starts its workers in sessions of their own, so
-    killing its process group would leave them running."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                ppid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry))
-    tree, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        tree.append(p)
-        todo += children.get(p, [])
-    return tree
-
-
-def _gone(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X")
-    except (OSError, IndexError):
-        return True
-
-
 def kill_after_first_checkpoint(cmd, run: Path, env=None) -> int:
-    """Start `cmd`, SIGKILL it and every process it started as soon as `run` holds a checkpoint (whatever they
-    are doing then), and return the step of the checkpoint that survived."""
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    tree = [proc.pid]
-    try:
-        deadline = time.monotonic() + 600
-        while not (run / "checkpoints" / "latest").exists():
-            assert proc.poll() is None, "the run ended before it could be killed"
-            assert time.monotonic() < deadline, "no checkpoint after 600 s"
-            time.sleep(0.002)
-        tree = _process_tree(proc.pid)
-        for pid in tree:
-            os.kill(pid, signal.SIGKILL)
-    finally:
-        for pid in tree:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        proc.wait()
-    deadline = time.monotonic() + 60
-    while not all(_gone(pid) for pid in tree[1:]):
-        assert time.monotonic() < deadline, "a killed worker is still running"
-        time.sleep(0.01)
-    assert proc.returncode == -signal.SIGKILL
+    """SIGKILL `cmd` (and its workers) once `run` holds a checkpoint; the step of the checkpoint that survived."""
+    kill_when(cmd, lambda: (run / "checkpoints" / "latest").exists(), env)
     return CheckpointManager(run).latest_step()
 
 
