@@ -76,7 +76,7 @@ def step_clock(monkeypatch, module, per_step: str, seconds_per_step: float = 0.1
     import time
     import types
 
-    from tessera.train import monitor
+    from tessera.runtime import monitor
 
     steps, bars = {"n": 0}, []
     real = getattr(module, per_step)

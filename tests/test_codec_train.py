@@ -12,8 +12,8 @@ from fixtures import codec_train_argv, write_image_folder, write_speech_folder
 
 from tessera.cli import main as cli
 from tessera.storage import load_tensors
-from tessera.train.checkpoint import CheckpointManager
-from tessera.train.monitor import read_metrics
+from tessera.runtime.checkpoint import CheckpointManager
+from tessera.runtime.monitor import read_metrics
 
 KINDS = ["image", "audio"]
 
@@ -115,7 +115,7 @@ def test_bad_dtype_is_a_one_line_error(kind, data, tmp_path, capsys):
 def test_without_bounds_a_run_takes_the_decoders_default_steps(kind, data, tmp_path, monkeypatch):
     """No --max-steps or --max-minutes: DEFAULT_STEPS (1000; 3 here), as the decoder's trainer; a resumed run
     without bounds continues its plan, and one with a larger bound trains on."""
-    from tessera.train import monitor
+    from tessera.runtime import monitor
 
     monkeypatch.setattr(monitor, "DEFAULT_STEPS", 3, raising=False)
     out = tmp_path / "run"

@@ -17,7 +17,7 @@ from PIL import Image
 
 from tessera.cli import main as cli
 from tessera.config import ConfigError
-from tessera.train.monitor import read_metrics
+from tessera.runtime.monitor import read_metrics
 from tessera.unimodal import load_codec, read_codec_info
 from tessera.unimodal.image import ImageCodec, ImageCodecConfig, ImageSizeError
 from tessera.unimodal.image_data import InfiniteBatchSampler, Skip, TrainImages

@@ -13,7 +13,7 @@ from tessera.tokenizers import build_bundle
 from tessera.tokenizers.bundle import read_bundle_spec
 from tessera.tokenizers.layout import VocabLayout
 from tessera.train import init_from, pretrain
-from tessera.train.monitor import read_metrics
+from tessera.runtime.monitor import read_metrics
 from tessera.train.pretokenize import PretokenizeConfig, pretokenize
 
 WORDS = ["seven", "eight", "digit", "a", "the", "drawing", "of", "is", "what", "this"]

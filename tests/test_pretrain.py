@@ -13,8 +13,8 @@ import torch
 
 from tessera.tokenizers import build_bundle
 from tessera.train import pretrain
-from tessera.train import monitor
-from tessera.train.monitor import Progress, read_metrics
+from tessera.runtime import monitor
+from tessera.runtime.monitor import Progress, read_metrics
 from tessera.train.pretokenize import PretokenizeConfig, pretokenize
 
 WORDS = ["seven", "eight", "digit", "a", "the", "drawing", "of", "is", "what", "this"]

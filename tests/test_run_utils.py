@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from tessera.config import ConfigError, apply_overrides, from_dict, to_dict
-from tessera.train.checkpoint import (CheckpointManager, capture_rng, flatten_optimizer_state, restore_rng,
+from tessera.runtime.checkpoint import (CheckpointManager, capture_rng, flatten_optimizer_state, restore_rng,
                                       unflatten_optimizer_state)
-from tessera.train.monitor import MetricsLogger, Progress, RunBudget, read_metrics, wsd_factor
+from tessera.runtime.monitor import MetricsLogger, Progress, RunBudget, read_metrics, wsd_factor
 from dataclasses import dataclass, field
 
 
@@ -61,7 +61,7 @@ def test_a_crash_mid_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise OSError("disk full")
 
-    import tessera.train.checkpoint as ck
+    import tessera.runtime.checkpoint as ck
 
     monkeypatch.setattr(ck, "atomic_write_json", boom)
     with pytest.raises(OSError):

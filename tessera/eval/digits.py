@@ -36,7 +36,7 @@ from PIL import Image
 
 from tessera.errors import TesseraError
 from tessera.storage import atomic_write_json, atomic_write_text, read_json
-from tessera.train.monitor import progress_bar
+from tessera.runtime.monitor import progress_bar
 
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 SPEECH_RATE = 16000

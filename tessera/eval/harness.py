@@ -25,7 +25,7 @@ from PIL import Image
 from tessera.errors import TesseraError
 from tessera.eval.tasks import DigitsEvalConfig, TaskItem, digit_in_text, digits_tasks, load_tasks
 from tessera.storage import atomic_write_json, read_json
-from tessera.train.monitor import progress_bar
+from tessera.runtime.monitor import progress_bar
 from tessera.unimodal.media import Audio, load_audio, load_image
 
 
@@ -192,7 +192,7 @@ def heldout_perplexity(m, run_dir: Path, corpus: Path, max_batches: int = 100) -
     """Held-out loss per modality on the corpus's test documents (pretokenized once into the run)."""
     import torch
 
-    from tessera.train.distributed import DistEnv
+    from tessera.runtime.distributed import DistEnv
     from tessera.train.pretokenize import PretokenizeConfig, pretokenize
     from tessera.train.pretrain import evaluate
 

@@ -14,7 +14,7 @@ from PIL import Image
 
 from tessera.eval.digits import DIGIT_WORDS
 from tessera.storage import atomic_write_json, atomic_write_text
-from tessera.train.monitor import read_metrics
+from tessera.runtime.monitor import read_metrics
 
 
 def plot_training_curves(run_dir: Path, path: Path) -> None:

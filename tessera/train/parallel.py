@@ -17,7 +17,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
 
-from tessera.train.distributed import DistEnv
+from tessera.runtime.distributed import DistEnv
 
 
 def apply_activation_checkpointing(model: nn.Module) -> None:

@@ -70,7 +70,7 @@ from tessera.storage import read_json
 from tessera.tokenizers.bundle import read_bundle_spec
 from tessera.tokenizers.layout import MODALITIES, VocabLayout
 from tessera.tokenizers.multimodal import MultimodalTokenizer
-from tessera.train.monitor import progress_bar
+from tessera.runtime.monitor import progress_bar
 from tessera.train.shards import (
     LOCK_NAME,
     SHARDS_FORMAT,
@@ -154,7 +154,7 @@ def _init_worker(bundle: str, cfg_dict: dict, inputs: list[tuple[str, str]], loc
     import torch
 
     from tessera.tokenizers.bundle import load_bundle
-    from tessera.train.distributed import resolve_device
+    from tessera.runtime.distributed import resolve_device
 
     # One thread per worker: parallelism comes from --workers, and the codes do not depend on how many there
     # are (a different thread count can round a codec's float math differently and flip a code).

@@ -54,14 +54,14 @@ from tessera.storage import atomic_write_json, read_json, save_tensors
 from tessera.tokenizers.bundle import read_bundle_spec
 from tessera.tokenizers.layout import MODALITIES, VocabLayout
 from tessera.train import init_from
-from tessera.train.checkpoint import (CheckpointManager, RunLock, RunLockedError, capture_rng, flatten_optimizer_state,
+from tessera.runtime.checkpoint import (CheckpointManager, RunLock, RunLockedError, capture_rng, flatten_optimizer_state,
                                       restore_rng, unflatten_optimizer_state)
-from tessera.train.distributed import (all_gather_object, all_reduce, barrier, broadcast_object, destroy_distributed,
+from tessera.runtime.distributed import (all_gather_object, all_reduce, barrier, broadcast_object, destroy_distributed,
                                        init_distributed)
 from tessera.train.ema import WeightEMA
 from tessera.train.loader import IGNORE, LoaderConfig, PackedLoader, parse_mix
 from tessera.train.mfu import peak_flops
-from tessera.train.monitor import DEFAULT_STEPS, MetricsLogger, Progress, RunBudget, add_budget_arguments
+from tessera.runtime.monitor import DEFAULT_STEPS, MetricsLogger, Progress, RunBudget, add_budget_arguments
 from tessera.train.parallel import (full_model_state, full_optimizer_state, load_full_model_state,
                                     load_full_optimizer_state, parallelize, unwrap)
 from tessera.train.shards import read_manifest

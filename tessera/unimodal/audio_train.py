@@ -44,7 +44,7 @@ import torch.nn.functional as F
 
 from tessera.config import ConfigError, preset
 from tessera.storage import atomic_write_json
-from tessera.train.distributed import all_reduce
+from tessera.runtime.distributed import all_reduce
 from tessera.unimodal.audio import AUDIO_PRESETS, AudioCodec, AudioCodecConfig, AudioCodecError, SEANetCodec
 from tessera.unimodal.audio_eval import MultiScaleMel, codebook_usage, score_pairs
 from tessera.unimodal.codec_train import CodecRecipe, CodecTrainConfig, add_codec_train_arguments, train_codec

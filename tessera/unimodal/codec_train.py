@@ -44,15 +44,15 @@ from tessera.config import ConfigError, apply_overrides, from_dict, preset, to_d
 from tessera.config import split_overrides as _split_overrides
 from tessera.errors import TesseraError
 from tessera.storage import atomic_write_json
-from tessera.train import monitor
-from tessera.train.checkpoint import (
+from tessera.runtime import monitor
+from tessera.runtime.checkpoint import (
     CheckpointManager,
     capture_rng,
     flatten_optimizer_state,
     restore_rng,
     unflatten_optimizer_state,
 )
-from tessera.train.distributed import (
+from tessera.runtime.distributed import (
     DistEnv,
     all_gather_object,
     all_reduce,
@@ -61,7 +61,7 @@ from tessera.train.distributed import (
     init_distributed,
     seed_everything,
 )
-from tessera.train.monitor import MetricsLogger, Progress, RunBudget, wsd_factor
+from tessera.runtime.monitor import MetricsLogger, Progress, RunBudget, wsd_factor
 
 DTYPES = ("auto", "bf16", "fp32")
 # Training keys renamed when the two codec trainers were joined: old name -> (new name, old value -> new value)
@@ -579,7 +579,7 @@ def train_codec(recipe: CodecRecipe, out, *, preset_name: str | None = None, ove
 
 def add_codec_train_arguments(p, *, data_help: str, eval_help: str, preset_help: str, set_help: str) -> None:
     """The flags both `tessera tokenizer train image|audio` take."""
-    from tessera.train.monitor import add_budget_arguments
+    from tessera.runtime.monitor import add_budget_arguments
 
     p.add_argument("--data", required=True, metavar="DIR_OR_JSONL", help=data_help)
     p.add_argument("--out", required=True, help="output codec directory (also checkpoints, metrics, samples)")

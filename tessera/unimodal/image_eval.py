@@ -297,7 +297,7 @@ def format_table(r: dict, codec_dir: str) -> str:
 
 
 def run_eval(args) -> int:
-    from tessera.train.distributed import resolve_device
+    from tessera.runtime.distributed import resolve_device
     from tessera.unimodal.image import ImageCodec
 
     codec = ImageCodec.load(args.codec, device=resolve_device(args.device))

@@ -40,7 +40,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from tessera.config import ConfigError, apply_overrides, preset
-from tessera.train.distributed import all_gather_object, all_reduce
+from tessera.runtime.distributed import all_gather_object, all_reduce
 from tessera.unimodal.codec_train import CodecRecipe, CodecTrainConfig, add_codec_train_arguments, train_codec
 from tessera.unimodal.image import ImageCodec, ImageCodecConfig, image_preset
 from tessera.unimodal.image_data import (

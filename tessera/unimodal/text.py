@@ -22,7 +22,7 @@ from pathlib import Path
 import sentencepiece as spm
 
 from tessera.errors import TesseraError
-from tessera.train.monitor import progress_bar
+from tessera.runtime.monitor import progress_bar
 from tessera.storage import atomic_write_bytes, atomic_write_json, read_json, sha256_file
 
 TEXT_FORMAT = "tessera-text"

@@ -12,7 +12,7 @@ from fixtures import codec_train_argv, write_image_folder, write_speech_folder
 
 from tessera.cli import main as cli
 from tessera.storage import load_tensors
-from tessera.train.monitor import read_metrics
+from tessera.runtime.monitor import read_metrics
 
 
 def write_corrupt_images(d, n: int) -> None:

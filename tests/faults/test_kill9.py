@@ -14,7 +14,7 @@ from PIL import Image
 
 from tessera.cli import main as cli
 from tessera.storage import load_tensors
-from tessera.train.checkpoint import CheckpointManager
+from tessera.runtime.checkpoint import CheckpointManager
 
 
 @pytest.mark.parametrize("kind", ["image", "audio"])

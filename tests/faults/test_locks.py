@@ -11,8 +11,8 @@ import pytest
 
 from tessera.tokenizers import build_bundle
 from tessera.train import pretrain
-from tessera.train.checkpoint import CheckpointManager
-from tessera.train.monitor import read_metrics
+from tessera.runtime.checkpoint import CheckpointManager
+from tessera.runtime.monitor import read_metrics
 from tessera.train.pretokenize import PretokenizeConfig, pretokenize
 
 

@@ -16,10 +16,10 @@ from fixtures import kill_when
 
 from tessera.storage import load_tensors
 from tessera.tokenizers import build_bundle
-from tessera.train import checkpoint as checkpoint_mod
+from tessera.runtime import checkpoint as checkpoint_mod
 from tessera.train import pretrain
-from tessera.train.checkpoint import CheckpointManager
-from tessera.train.monitor import read_metrics
+from tessera.runtime.checkpoint import CheckpointManager
+from tessera.runtime.monitor import read_metrics
 from tessera.train.pretokenize import PretokenizeConfig, pretokenize
 
 WORDS = ["seven", "eight", "digit", "a", "the", "drawing", "of", "is", "what", "this"]

@@ -25,7 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from tessera.storage import atomic_write_text
-from tessera.train.distributed import all_reduce
+from tessera.runtime.distributed import all_reduce
 
 
 def progress_bar(*args, **kwargs) -> tqdm:
