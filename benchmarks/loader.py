@@ -98,7 +98,7 @@ def training_tokens_per_s(steps: int = 6) -> float:
     import torch
 
     from tessera.model.transformer import Transformer, model_preset
-    from tessera.train.pretrain import token_losses
+    from tessera.train.losses import token_losses
 
     cfg = model_preset("demo")
     cfg.vocab_size = layout().padded_vocab_size

@@ -30,7 +30,7 @@ from tessera.model.hf_export import to_hf_model
 from tessera.model.transformer import Transformer, model_preset
 from tessera.train.mfu import peak_flops
 from tessera.train.parallel import apply_compile
-from tessera.train.pretrain import compiled_token_losses, token_losses
+from tessera.train.losses import compiled_token_losses, token_losses
 
 RESULTS = Path(__file__).parent / "results" / "train_throughput.json"
 

@@ -80,7 +80,7 @@ def test_loss_mask_zeroes_exactly_the_masked_tokens(tmp_path):
     n = len(docs[0])
     expect = [docs[0][i + 1] if masks[0][i + 1] else IGNORE for i in range(n - 1)]
     assert list(tg[: n - 1]) == expect
-    from tessera.train.pretrain import token_losses
+    from tessera.train.losses import token_losses
 
     logits = torch.randn(1, 16, L.padded_vocab_size, requires_grad=True)
     r = token_losses(logits, b["targets"], torch.as_tensor(L.modality_table()))

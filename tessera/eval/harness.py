@@ -194,7 +194,7 @@ def heldout_perplexity(m, run_dir: Path, corpus: Path, max_batches: int = 100) -
 
     from tessera.runtime.distributed import DistEnv
     from tessera.train.pretokenize import PretokenizeConfig, pretokenize
-    from tessera.train.pretrain import evaluate
+    from tessera.train.losses import evaluate
 
     cfg = read_json(run_dir / "config.json")
     shards = Path(cfg["eval_data"]) if cfg.get("eval_data") else run_dir / "eval_shards"
