@@ -36,7 +36,7 @@ RESULTS = Path(__file__).parent / "results" / "generate_throughput.json"
 
 def demo_bundle(root: Path) -> Path:
     """A bundle of the demo's shape: a small text model and untrained tiny codecs."""
-    from tessera.eval.digits import CAPTIONS, DIGIT_WORDS, DRAW_PROMPTS
+    from tessera.data.digits import CAPTIONS, DIGIT_WORDS, DRAW_PROMPTS
     from tessera.tokenizers import build_bundle
     from tessera.unimodal.audio import AudioCodec, SEANetCodec, audio_codec_config
     from tessera.unimodal.image import ImageCodec, image_preset

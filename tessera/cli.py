@@ -29,7 +29,7 @@ COMMANDS = [
      "assemble a tokenizer bundle (vocabulary layout) from trained codecs"),
     (("tokenizer", "info"), "tessera.tokenizers.bundle_cli", "info",
      "print a bundle's vocabulary layout"),
-    (("data", "digits"), "tessera.eval.digits", "build",
+    (("data", "digits"), "tessera.data.digits", "build",
      "build the offline tri-modal digits corpus (images, espeak-ng speech, text)"),
     (("data", "pretokenize"), "tessera.train.pretokenize", "pretokenize",
      "documents (JSONL, WebDataset tars, Parquet, saved HF datasets, image folders, LibriSpeech, Common Voice) "

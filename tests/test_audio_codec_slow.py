@@ -16,7 +16,7 @@ pytestmark = pytest.mark.slow
 @pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng is not installed")
 def test_tiny_codec_keeps_spoken_digits_intelligible(tmp_path, capsys):
     from tessera.cli import main
-    from tessera.eval.digits import build_digits_corpus
+    from tessera.data.digits import build_digits_corpus
 
     corpus = tmp_path / "digits"
     build_digits_corpus(corpus)

@@ -19,7 +19,7 @@ def test_digit_in_text():
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    from tessera.eval.digits import DigitsConfig, build_digits_corpus
+    from tessera.data.digits import DigitsConfig, build_digits_corpus
 
     d = tmp_path_factory.mktemp("digits")
     cfg = DigitsConfig.fast()

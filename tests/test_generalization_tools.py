@@ -6,7 +6,7 @@ import random
 import numpy as np
 from PIL import Image
 
-from tessera.eval.digits import augment_image, augment_speech, digit_image
+from tessera.data.digits import augment_image, augment_speech, digit_image
 from tessera.eval.judges import corpus_split
 from tessera.eval.memorization import memorization_report
 
@@ -62,7 +62,7 @@ def test_judges_train_on_real_files_only(tmp_path):
 
 def test_augmented_media_are_inputs_only():
     """Drawing, speaking and the image of speech->image use real media; warped ones only feed understanding."""
-    from tessera.eval.digits import _documents
+    from tessera.data.digits import _documents
 
     images = [("r0.png", 3), ("r0_a0.png", 3), ("r1.png", 4), ("r1_a0.png", 4)]
     clips = [("c0.wav", 3), ("c0_aug.wav", 3), ("c1.wav", 4)]

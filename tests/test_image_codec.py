@@ -358,7 +358,7 @@ def digit_images(out: Path) -> Path:
     """The digits corpus's images (32 px, every 6th held out), built without the speech part."""
     from sklearn.datasets import load_digits
 
-    from tessera.eval.digits import digit_image
+    from tessera.data.digits import digit_image
 
     digits = load_digits()
     for i, a in enumerate(digits.images):

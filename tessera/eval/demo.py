@@ -195,7 +195,7 @@ def run_stage(stage: Stage, state: dict, out: Path, force: bool, index: int, tot
 
 
 def run_pipeline(out: str | Path = "tessera-demo", cfg: DemoConfig | None = None, force: bool = False) -> dict:
-    from tessera.eval.digits import check_espeak
+    from tessera.data.digits import check_espeak
 
     cfg = cfg or DemoConfig()
     out = Path(out).resolve()

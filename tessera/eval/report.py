@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from tessera.eval.digits import DIGIT_WORDS
+from tessera.data.digits import DIGIT_WORDS
 from tessera.storage import atomic_write_json, atomic_write_text
 from tessera.runtime.monitor import read_metrics
 

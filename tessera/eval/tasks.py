@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from tessera.errors import TesseraError
-from tessera.eval.digits import DIGIT_WORDS, load_meta
+from tessera.data.digits import DIGIT_WORDS, load_meta
 
 DIGIT_TASKS = ("caption_acc", "draw_acc", "transcribe_acc", "speak_acc", "speech_to_image_acc")
 

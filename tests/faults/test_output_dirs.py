@@ -5,7 +5,7 @@ import json
 import pytest
 
 from tessera.cli import main as cli
-from tessera.eval import digits
+from tessera.data import digits
 from tessera.tokenizers import build_bundle
 from tessera.tokenizers.bundle import BundleError
 from tessera.train.pretokenize import PretokenizeConfig, pretokenize
