@@ -26,7 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from tessera.config import preset as _preset
-from tessera.model.attention import attention
+from tessera.model.attention import BACKENDS, attention
 
 
 @dataclass
@@ -62,6 +62,8 @@ class ModelConfig:
             raise ValueError(f"n_heads {self.n_heads} is not a multiple of n_kv_heads {self.kv_heads}")
         if (self.dim // self.n_heads) % 2:
             raise ValueError("head_dim must be even for rotary embeddings")
+        if self.attn_backend not in BACKENDS:
+            raise ValueError(f"attn_backend must be one of {', '.join(BACKENDS)}, got {self.attn_backend!r}")
 
     @property
     def head_dim(self) -> int:

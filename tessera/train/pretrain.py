@@ -343,9 +343,12 @@ def prepare_run(args, env) -> tuple[ModelConfig, TrainConfig, dict, bool, dict |
         if getattr(args, "init_from", None):
             mcfg, init = init_from.plan(args.init_from, spec, tcfg, args.preset, model_over)
         else:
-            mcfg = apply_overrides(model_preset(args.preset or "demo"), model_over)
-            mcfg.vocab_size = layout.padded_vocab_size
-            mcfg = from_dict(ModelConfig, to_dict(mcfg))  # re-validate after overrides
+            try:  # a model setting that does not fit (heads, backend, dropout) is the user's to fix: one line
+                mcfg = apply_overrides(model_preset(args.preset or "demo"), model_over)
+                mcfg.vocab_size = layout.padded_vocab_size
+                mcfg = from_dict(ModelConfig, to_dict(mcfg))  # re-validate after overrides
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
     tcfg.validate()
     if args.fsdp:
         tcfg.fsdp = True

@@ -31,6 +31,7 @@ def data(tmp_path_factory, text_dir):
     ("dtype=fp16", "dtype"),
     ("log_every=0", "log_every"),
     ("schedule=linear", "schedule"),
+    ("model.attn_backend=flsh", "attn_backend"),
 ])
 def test_bad_training_override_is_one_line_error(data, tmp_path, capsys, override, key):
     out = tmp_path / "run"
