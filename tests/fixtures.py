@@ -206,3 +206,20 @@ def kill_when(cmd, ready, env=None) -> None:
         assert time.monotonic() < deadline, "a killed worker is still running"
         time.sleep(0.01)
     assert proc.returncode == -signal.SIGKILL
+
+
+def free_port() -> int:
+    """A port no one listens on now: a fixed one could meet another job's rendezvous on a shared machine."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun_argv(nproc: int = 2) -> list[str]:
+    """`python -m torch.distributed.run` for `nproc` local processes, on a free port."""
+    import sys
+
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}"]
+

@@ -7,20 +7,25 @@ import json
 import math
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import soundfile as sf
 import torch
+from fixtures import torchrun_argv
 
 from tessera.config import ConfigError
 from tessera.unimodal import load_codec, read_codec_info
 from tessera.unimodal.audio import AudioCodec, AudioCodecConfig, SEANetCodec, audio_codec_config
 from tessera.unimodal.audio_eval import codebook_usage, opus_available, opus_roundtrip, si_sdr
-from tessera.unimodal.audio_train import (AudioTrainConfig, CropSampler, init_codebooks, load_clips,
-                                          split_overrides)
+from tessera.unimodal.audio_train import (
+    AudioTrainConfig,
+    CropSampler,
+    init_codebooks,
+    load_clips,
+    split_overrides,
+)
 from tessera.unimodal.media import MediaError, SkipLog
 
 SR = 16000
@@ -405,7 +410,7 @@ def test_ddp_two_processes_keep_codebooks_identical(tmp_path, speech_dir):
     codebooks equal, which the trainer checks at every save (codebook_spread: max |difference| across ranks)."""
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+    cmd = [*torchrun_argv(2),
            "-m", "tessera", "tokenizer", "train", "audio", "--data", str(speech_dir), "--out", str(out),
            "--preset", "tiny", "--max-steps", "3", "--no-progress", "--device", "cpu", *FAST,
            "--set", "quantizer_dropout=0.5"]

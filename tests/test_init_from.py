@@ -6,14 +6,15 @@ import types
 
 import pytest
 import torch
+from fixtures import torchrun_argv
 
 from tessera.model.transformer import Transformer
+from tessera.runtime.monitor import read_metrics
 from tessera.storage import load_tensors, save_tensors
 from tessera.tokenizers import build_bundle
 from tessera.tokenizers.bundle import read_bundle_spec
 from tessera.tokenizers.layout import VocabLayout
 from tessera.train import init_from, pretrain
-from tessera.runtime.monitor import read_metrics
 from tessera.train.pretokenize import PretokenizeConfig, pretokenize
 
 WORDS = ["seven", "eight", "digit", "a", "the", "drawing", "of", "is", "what", "this"]
@@ -311,12 +312,11 @@ def test_a_frozen_stage_under_ddp_matches_one_process(corpus, tmp_path):
     same as one."""
     import os
     import subprocess
-    import sys
 
     hf_model("llama", tmp_path / "hf", text_size(corpus / "bundle"))
     stage = ("--init-from", str(tmp_path / "hf"), "--set", "freeze=all_but_new_rows", "--max-steps", "3")
     assert pretrain.main(args(corpus, tmp_path / "one", *stage, "--set", "batch_size=4")) == 0
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29537",
+    cmd = [*torchrun_argv(2),
            "-m", "tessera.train.pretrain", *args(corpus, tmp_path / "two", *stage)]
     r = subprocess.run(cmd, check=False, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]

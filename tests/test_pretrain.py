@@ -3,18 +3,17 @@
 import json
 import os
 import subprocess
-import sys
 import time
 import types
-from pathlib import Path
 
 import pytest
 import torch
+from fixtures import torchrun_argv
 
-from tessera.tokenizers import build_bundle
-from tessera.train import pretrain
 from tessera.runtime import monitor
 from tessera.runtime.monitor import Progress, read_metrics
+from tessera.tokenizers import build_bundle
+from tessera.train import pretrain
 from tessera.train.pretokenize import PretokenizeConfig, pretokenize
 
 WORDS = ["seven", "eight", "digit", "a", "the", "drawing", "of", "is", "what", "this"]
@@ -150,7 +149,7 @@ def test_two_processes_under_torchrun_match_one(corpus, tmp_path):
     """DDP over gloo through the real torchrun entry point, same global batch as one process."""
     pretrain.main(args(corpus, tmp_path / "one", "--max-steps", "4", "--set", "batch_size=4", *FP32))
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+    cmd = [*torchrun_argv(2),
            "-m", "tessera.train.pretrain", *args(corpus, tmp_path / "two", "--max-steps", "4", "--set", "batch_size=2",
                                                  *FP32)]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
@@ -261,9 +260,9 @@ def test_ema_decay_out_of_range_is_refused(corpus, tmp_path, capsys):
     assert "ema_decay" in capsys.readouterr().err
 
 
-def _torchrun(corpus, out, port, *extra):
+def _torchrun(corpus, out, *extra):
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+    cmd = [*torchrun_argv(2),
            "-m", "tessera.train.pretrain", *args(corpus, out, *extra)]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -275,8 +274,8 @@ def test_fsdp_starts_from_the_weights_ddp_starts_from_and_trains_alike(corpus, t
     from tessera.storage import load_tensors
 
     run = ("--max-steps", "3", "--set", "batch_size=2", "--set", "ckpt_every=3", *FP32)
-    _torchrun(corpus, tmp_path / "ddp", 29561, *run)
-    _torchrun(corpus, tmp_path / "fsdp", 29562, "--fsdp", *run)
+    _torchrun(corpus, tmp_path / "ddp", *run)
+    _torchrun(corpus, tmp_path / "fsdp", "--fsdp", *run)
     ddp, fsdp = losses(tmp_path / "ddp"), losses(tmp_path / "fsdp")
     assert len(fsdp) == 3
     for (s1, a), (s2, b) in zip(ddp, fsdp):
@@ -291,8 +290,12 @@ def test_fsdp_starts_from_the_weights_ddp_starts_from_and_trains_alike(corpus, t
 def test_wrapped_blocks_save_and_load_under_clean_names():
     """Activation checkpointing and compile wrap each block; checkpoints keep the plain model's names."""
     from tessera.model.transformer import Transformer, model_preset
-    from tessera.train.parallel import (apply_activation_checkpointing, apply_compile, full_model_state,
-                                        load_full_model_state)
+    from tessera.train.parallel import (
+        apply_activation_checkpointing,
+        apply_compile,
+        full_model_state,
+        load_full_model_state,
+    )
 
     cfg = model_preset("tiny")
     cfg.vocab_size = 256

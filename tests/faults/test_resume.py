@@ -4,7 +4,6 @@ refuses data other than the run's."""
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -12,14 +11,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from fixtures import kill_when
+from fixtures import kill_when, torchrun_argv
 
-from tessera.storage import load_tensors
-from tessera.tokenizers import build_bundle
 from tessera.runtime import checkpoint as checkpoint_mod
-from tessera.train import pretrain
 from tessera.runtime.checkpoint import CheckpointManager
 from tessera.runtime.monitor import read_metrics
+from tessera.storage import load_tensors
+from tessera.tokenizers import build_bundle
+from tessera.train import pretrain
 from tessera.train.pretokenize import PretokenizeConfig, pretokenize
 
 WORDS = ["seven", "eight", "digit", "a", "the", "drawing", "of", "is", "what", "this"]
@@ -67,15 +66,8 @@ def same_weights(a, b) -> bool:
     return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-def free_port() -> int:
-    """A port no one listens on now: a fixed one could meet another job's rendezvous on a shared machine."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def torchrun_cmd(out_args):
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+    return [*torchrun_argv(2),
             "-m", "tessera.train.pretrain", *out_args]
 
 
