@@ -26,6 +26,7 @@ from tessera.config import from_dict
 from tessera.errors import TesseraError
 from tessera.model.constrained import AUDIO, CODES, TEXT, FSMConfig, SpanFSM
 from tessera.model.generate import SamplingConfig, decode
+from tessera.model.speculative import speculative_decode
 from tessera.model.transformer import ModelConfig, Transformer
 from tessera.storage import load_tensors, read_json
 from tessera.tokenizers.bundle import load_bundle
@@ -53,10 +54,14 @@ class Tessera:
         self.device = next(model.parameters()).device
         self.fsm = SpanFSM(tokenizer.layout, tokenizer.eos_id, device=self.device)
         self._step_fn = None
+        self.draft: Tessera | None = None  # the default draft model of speculative decoding (`set_draft`)
+        self.draft_tokens = 4
+        self.last_speculation: dict | None = None  # rounds, drafted and accepted tokens of the last call
 
     # ------------------------------------------------------------------------------------- loading
     @classmethod
-    def load(cls, run_dir: str | Path, device=None, dtype=None, compile: bool = False) -> "Tessera":
+    def load(cls, run_dir: str | Path, device=None, dtype=None, compile: bool = False, draft=None,
+             draft_tokens: int = 4) -> "Tessera":
         run = Path(run_dir)
         cfg_path, weights = run / "config.json", run / "model.safetensors"
         if not cfg_path.is_file():
@@ -100,7 +105,34 @@ class Tessera:
         m = cls(model, tokenizer, run)
         if compile:
             m.compile()
+        if draft is not None:
+            if not isinstance(draft, Tessera):
+                draft = cls.load(draft, device=device, dtype=dtype)
+            m.set_draft(draft, draft_tokens)
         return m
+
+    def set_draft(self, draft: "Tessera | None", draft_tokens: int = 4) -> None:
+        """Make `draft` (a smaller model over the same tokenizer bundle) the default draft of speculative
+        decoding, proposing `draft_tokens` tokens a round; None turns it off."""
+        if draft is not None:
+            self._check_draft(draft, draft_tokens)
+        self.draft, self.draft_tokens = draft, draft_tokens
+
+    def _check_draft(self, draft, draft_tokens) -> None:
+        if not isinstance(draft, Tessera):
+            raise TypeError(f"draft must be a tessera.Tessera (a loaded model), not {type(draft).__name__}")
+        if not (isinstance(draft_tokens, numbers.Integral) and draft_tokens >= 1):
+            raise ValueError(f"draft_tokens must be an integer >= 1, got {draft_tokens!r}")
+        a, b = self.tokenizer, draft.tokenizer
+        same = a is b or (a.bundle_hash is not None and a.bundle_hash == b.bundle_hash)
+        if not same:
+            raise ValueError(f"the draft model's tokenizer bundle ({(b.bundle_hash or 'unhashed')[:12]}) is not "
+                             f"this model's ({(a.bundle_hash or 'unhashed')[:12]}); a draft must share the bundle")
+        if draft.model.cfg.vocab_size != self.model.cfg.vocab_size:
+            raise ValueError(f"the draft has {draft.model.cfg.vocab_size} embedding rows, this model "
+                             f"{self.model.cfg.vocab_size}")
+        if draft.device != self.device:
+            raise ValueError(f"the draft is on {draft.device}, this model on {self.device}")
 
     def compile(self) -> None:
         """Compile the decode step (with a static KV cache); on CUDA, captured as CUDA graphs."""
@@ -163,9 +195,21 @@ class Tessera:
         return [], cfg, TEXT, 0, 256 if max_new_tokens is None else max_new_tokens
 
     # ------------------------------------------------------------------------------------ generate
+    def _resolve_draft(self, draft, draft_tokens):
+        """The draft model and its token count for a call: None takes the default (`set_draft`), False none."""
+        if draft is False:
+            return None, 0
+        k = self.draft_tokens if draft_tokens is None else draft_tokens
+        if draft is None:
+            draft = self.draft
+        if draft is not None:
+            self._check_draft(draft, k)
+        return draft, k
+
     def _tokens(self, prompts, output, max_new_tokens, temperature, top_k, top_p, cfg_scale, seed, image_size,
-                max_audio_seconds):
+                max_audio_seconds, draft=None, draft_tokens=None):
         sampling = SamplingConfig(temperature, top_k, top_p)  # checks their ranges
+        draft, k = self._resolve_draft(draft, draft_tokens)
         if not math.isfinite(cfg_scale):
             raise ValueError(f"cfg_scale must be a finite number (1: off), got {cfg_scale}")
         suffix, fsm_cfg, start, remaining, budget = self._plan(output, max_new_tokens, image_size, max_audio_seconds)
@@ -190,18 +234,25 @@ class Tessera:
                 raise ValueError("cfg_scale applies to output='image' or 'audio'")
             # the prompt with its conditioning dropped, as the loader's conditioning dropout trains it
             uncond = [[self.tokenizer.bos_id] + suffix for _ in prompts]
-        gen = decode(self.model, ids, self.fsm, fsm_cfg, start_state=start, max_new_tokens=budget,
-                     sampling=sampling, pad_id=self.tokenizer.pad_id, seed=seed,
-                     start_remaining=remaining, cfg_scale=cfg_scale, uncond_prompts=uncond, step_fn=self._step_fn,
-                     static_cache=self._step_fn is not None, min_new_tokens=1 if output == "text" else 0)
+        common = dict(start_state=start, max_new_tokens=budget, sampling=sampling, pad_id=self.tokenizer.pad_id,
+                      seed=seed, start_remaining=remaining, cfg_scale=cfg_scale, uncond_prompts=uncond,
+                      min_new_tokens=1 if output == "text" else 0)
+        if draft is not None:
+            self.last_speculation = {}
+            gen = speculative_decode(self.model, draft.model, ids, self.fsm, fsm_cfg, draft_tokens=k,
+                                     stats=self.last_speculation, **common)
+        else:
+            gen = decode(self.model, ids, self.fsm, fsm_cfg, step_fn=self._step_fn,
+                         static_cache=self._step_fn is not None, **common)
         return suffix, gen
 
     def generate_ids(self, prompt, *, output="text", max_new_tokens=None, temperature=1.0, top_k=0, top_p=1.0,
-                     cfg_scale=1.0, seed=None, image_size=None, max_audio_seconds=None) -> list[list[int]]:
+                     cfg_scale=1.0, seed=None, image_size=None, max_audio_seconds=None, draft=None,
+                     draft_tokens=None) -> list[list[int]]:
         """The generated ids of each prompt (including the span opener for image/audio outputs)."""
         prompts, _ = self._batch(prompt)
         suffix, gen = self._tokens(prompts, output, max_new_tokens, temperature, top_k, top_p, cfg_scale, seed,
-                                   image_size, max_audio_seconds)
+                                   image_size, max_audio_seconds, draft, draft_tokens)
         steps = [t.cpu() for t in gen]
         out = torch.stack(steps, 1).tolist() if steps else [[] for _ in prompts]
         result = []
@@ -223,7 +274,8 @@ class Tessera:
 
     def generate(self, prompt, *, output: str = "text", max_new_tokens: int | None = None, temperature: float = 1.0,
                  top_k: int = 0, top_p: float = 1.0, cfg_scale: float = 1.0, seed: int | list[int] | None = None,
-                 image_size: tuple[int, int] | None = None, max_audio_seconds: float | None = None):
+                 image_size: tuple[int, int] | None = None, max_audio_seconds: float | None = None,
+                 draft: "Tessera | None | bool" = None, draft_tokens: int | None = None):
         """Generate from one prompt (-> list of segments) or a batch of prompts (-> one list per prompt).
 
         output: "text", "image" (exactly one image of `image_size` pixels, default the codec's), "audio" (one
@@ -239,22 +291,28 @@ class Tessera:
         max_seq_len. An image's length is fixed by its grid (h*w codes and <eoi>), so for output="image" it
         only has to be large enough to hold that span. Out-of-range arguments (temperature < 0, top_p outside
         (0, 1], a non-finite cfg_scale, a prompt that does not fit max_seq_len) raise ValueError.
+
+        draft: a smaller model over the same tokenizer bundle for speculative decoding (None: the default set
+        by `load(..., draft=...)` or `set_draft`, if any; False: plain decoding), proposing `draft_tokens`
+        tokens a round (default 4). Greedy outputs are the same tokens as plain decoding; sampled ones have
+        the same distribution (not the same tokens for a seed).
         """
         _, batched = self._batch(prompt)
         ids = self.generate_ids(prompt, output=output, max_new_tokens=max_new_tokens, temperature=temperature,
                                 top_k=top_k, top_p=top_p, cfg_scale=cfg_scale, seed=seed, image_size=image_size,
-                                max_audio_seconds=max_audio_seconds)
+                                max_audio_seconds=max_audio_seconds, draft=draft, draft_tokens=draft_tokens)
         outs = [self.tokenizer.decode(row, strict=True) for row in ids]
         return outs if batched else outs[0]
 
     def stream(self, prompt, *, output: str = "text", max_new_tokens: int | None = None, temperature: float = 1.0,
                top_k: int = 0, top_p: float = 1.0, cfg_scale: float = 1.0, seed: int | None = None,
-               image_size=None, max_audio_seconds=None) -> Iterator:
-        """Yield text pieces as they are decoded, and each image or audio clip as its span closes."""
+               image_size=None, max_audio_seconds=None, draft=None, draft_tokens=None) -> Iterator:
+        """Yield text pieces as they are decoded, and each image or audio clip as its span closes (with a
+        draft model, a round's kept tokens arrive together)."""
         if not (_is_segment(prompt) or all(_is_segment(s) for s in prompt)):
             raise ValueError("stream takes one prompt, not a batch")
         suffix, gen = self._tokens([prompt], output, max_new_tokens, temperature, top_k, top_p, cfg_scale, seed,
-                                   image_size, max_audio_seconds)
+                                   image_size, max_audio_seconds, draft, draft_tokens)
         L, tok = self.tokenizer.layout, self.tokenizer
         text_ids: list[int] = []
         sent = 0
@@ -301,9 +359,14 @@ class Tessera:
         return float(logp.gather(-1, target[:, None]).sum())
 
 
-def load(run_dir: str | Path, device=None, dtype=None, compile: bool = False) -> Tessera:
-    """Load a trained run (its model.safetensors and tokenizer bundle) for generation."""
-    return Tessera.load(run_dir, device=device, dtype=dtype, compile=compile)
+def load(run_dir: str | Path, device=None, dtype=None, compile: bool = False, draft=None,
+         draft_tokens: int = 4) -> Tessera:
+    """Load a trained run (its model.safetensors and tokenizer bundle) for generation.
+
+    `draft`: a run directory (or a loaded `Tessera`) of a smaller model over the same tokenizer bundle, made
+    the default draft of speculative decoding with `draft_tokens` tokens a round."""
+    return Tessera.load(run_dir, device=device, dtype=dtype, compile=compile, draft=draft,
+                        draft_tokens=draft_tokens)
 
 
 def random_model(tokenizer: MultimodalTokenizer, preset: str = "tiny", seed: int = 0, **overrides) -> Tessera:
