@@ -26,6 +26,7 @@ from tessera.config import from_dict
 from tessera.errors import TesseraError
 from tessera.model.constrained import AUDIO, CODES, TEXT, FSMConfig, SpanFSM
 from tessera.model.generate import SamplingConfig, decode
+from tessera.model.quant import quantize_int8
 from tessera.model.speculative import speculative_decode
 from tessera.model.transformer import ModelConfig, Transformer
 from tessera.storage import load_tensors, read_json
@@ -38,6 +39,25 @@ OUTPUTS = ("text", "image", "audio", "any")
 
 class LoadError(TesseraError):
     pass
+
+
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+          "fp16": torch.float16, "float16": torch.float16}
+
+
+def resolve_dtype(dtype, device: torch.device) -> tuple[torch.dtype, bool]:
+    """(the weights' float dtype, whether Linear weights become int8) for `load`'s `dtype` argument: None (bf16
+    on CUDA, fp32 elsewhere), a torch dtype, "fp32", "bf16", "fp16", or "int8" (weight-only int8 Linear
+    layers, everything else in fp32)."""
+    if dtype is None:
+        return (torch.bfloat16 if device.type == "cuda" else torch.float32), False
+    if isinstance(dtype, torch.dtype):
+        return dtype, False
+    if dtype == "int8":
+        return torch.float32, True
+    if dtype in DTYPES:
+        return DTYPES[dtype], False
+    raise ValueError(f"dtype must be a torch dtype or one of {', '.join([*DTYPES, 'int8'])}, not {dtype!r}")
 
 
 def _is_segment(x) -> bool:
@@ -77,8 +97,7 @@ class Tessera:
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         device = torch.device(device)
-        if dtype is None:
-            dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        dtype, int8 = resolve_dtype(dtype, device)
         tokenizer = load_bundle(run / "tokenizer", device=device)
         if tokenizer.bundle_hash != config["tokenizer_hash"]:
             raise LoadError(f"{run}: the model was trained with bundle {config['tokenizer_hash'][:12]} but "
@@ -102,12 +121,14 @@ class Tessera:
         if mcfg.tie_embeddings:
             model.output.weight = model.tok_embeddings.weight
         model.to(device=device, dtype=dtype)
+        if int8:
+            quantize_int8(model)
         m = cls(model, tokenizer, run)
         if compile:
             m.compile()
         if draft is not None:
             if not isinstance(draft, Tessera):
-                draft = cls.load(draft, device=device, dtype=dtype)
+                draft = cls.load(draft, device=device, dtype="int8" if int8 else dtype)
             m.set_draft(draft, draft_tokens)
         return m
 
@@ -362,6 +383,9 @@ class Tessera:
 def load(run_dir: str | Path, device=None, dtype=None, compile: bool = False, draft=None,
          draft_tokens: int = 4) -> Tessera:
     """Load a trained run (its model.safetensors and tokenizer bundle) for generation.
+
+    `dtype`: None (bf16 on CUDA, fp32 on CPU), a torch dtype, "fp32", "bf16", or "int8" (weight-only int8
+    Linear layers, a quarter of fp32's bytes per step; see docs/generation.md for what each costs in quality).
 
     `draft`: a run directory (or a loaded `Tessera`) of a smaller model over the same tokenizer bundle, made
     the default draft of speculative decoding with `draft_tokens` tokens a round."""
