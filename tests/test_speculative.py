@@ -10,7 +10,7 @@ from tessera.model.api import random_model
 from tessera.model.constrained import TEXT, FSMConfig, SpanFSM
 from tessera.model.generate import SamplingConfig, decode
 from tessera.model.kv_cache import KVCache
-from tessera.model.speculative import speculative_decode
+from tessera.model.speculative import PromptLookup, speculative_decode
 from tessera.model.transformer import ModelConfig, Transformer
 from tessera.tokenizers import VocabLayout
 
@@ -198,3 +198,28 @@ def test_sampled_first_tokens_have_the_exact_plain_distribution(monkeypatch):
     wrong = sampled(speculative_decode, model, draft, fsm, L, prompt, N, seed=0)
     stat_w, p_w = chi2_fit(joint_counts(wrong, ids).ravel(), exact.ravel())
     assert p_w < 1e-6, (stat_w, p_w)
+
+
+# ------------------------------------------------------------------------------------- draft-free lookup
+def test_prompt_lookup_copies_what_followed_the_latest_match():
+    pl = PromptLookup(max_ngram=3)
+    assert pl.propose([5, 6, 7, 8, 9, 5, 6, 7], 3) == [8, 9, 5]  # "5 6 7" seen before: what followed it
+    assert pl.propose([1, 2, 3, 1, 2, 4, 1, 2], 2) == [4, 1]  # the latest "1 2" wins
+    assert pl.propose([1, 2, 3], 2) == [3, 3]  # no match: repeat the last token
+    assert pl.propose([4, 9, 4], 3) == [9, 4, 4]  # a short continuation is padded with its last token
+
+
+@pytest.mark.parametrize("output, kw", CASES)
+def test_lookup_greedy_equals_plain_decoding(m, output, kw):
+    for prompt in (PROMPTS[1], PROMPTS):
+        plain = m.generate_ids(prompt, output=output, temperature=0, **kw)
+        assert m.generate_ids(prompt, output=output, temperature=0, draft="lookup", draft_tokens=3, **kw) == plain
+
+
+def test_lookup_sampled_first_tokens_have_the_exact_plain_distribution():
+    L, fsm, model, _ = tiny_setup()
+    prompt = [1, 3, 4, 3, 4, 5, 3]
+    ids, exact = exact_first_two(model, prompt, fsm)
+    spec = sampled(speculative_decode, model, PromptLookup(), fsm, L, prompt, N, seed=0)
+    stat, p = chi2_fit(joint_counts(spec, ids).ravel(), exact.ravel())
+    assert p > 1e-3, (stat, p)

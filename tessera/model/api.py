@@ -27,7 +27,7 @@ from tessera.errors import TesseraError
 from tessera.model.constrained import AUDIO, CODES, TEXT, FSMConfig, SpanFSM
 from tessera.model.generate import SamplingConfig, decode
 from tessera.model.quant import quantize_int8
-from tessera.model.speculative import speculative_decode
+from tessera.model.speculative import PromptLookup, speculative_decode
 from tessera.model.transformer import ModelConfig, Transformer
 from tessera.storage import load_tensors, read_json
 from tessera.tokenizers.bundle import load_bundle
@@ -127,7 +127,7 @@ class Tessera:
         if compile:
             m.compile()
         if draft is not None:
-            if not isinstance(draft, Tessera):
+            if not isinstance(draft, Tessera) and draft != "lookup":
                 draft = cls.load(draft, device=device, dtype="int8" if int8 else dtype)
             m.set_draft(draft, draft_tokens)
         return m
@@ -140,10 +140,12 @@ class Tessera:
         self.draft, self.draft_tokens = draft, draft_tokens
 
     def _check_draft(self, draft, draft_tokens) -> None:
-        if not isinstance(draft, Tessera):
-            raise TypeError(f"draft must be a tessera.Tessera (a loaded model), not {type(draft).__name__}")
         if not (isinstance(draft_tokens, numbers.Integral) and draft_tokens >= 1):
             raise ValueError(f"draft_tokens must be an integer >= 1, got {draft_tokens!r}")
+        if draft == "lookup":
+            return
+        if not isinstance(draft, Tessera):
+            raise TypeError(f"draft must be a tessera.Tessera (a loaded model) or 'lookup', not {draft!r}")
         a, b = self.tokenizer, draft.tokenizer
         same = a is b or (a.bundle_hash is not None and a.bundle_hash == b.bundle_hash)
         if not same:
@@ -260,7 +262,8 @@ class Tessera:
                       min_new_tokens=1 if output == "text" else 0)
         if draft is not None:
             self.last_speculation = {}
-            gen = speculative_decode(self.model, draft.model, ids, self.fsm, fsm_cfg, draft_tokens=k,
+            proposer = PromptLookup() if draft == "lookup" else draft.model
+            gen = speculative_decode(self.model, proposer, ids, self.fsm, fsm_cfg, draft_tokens=k,
                                      stats=self.last_speculation, **common)
         else:
             gen = decode(self.model, ids, self.fsm, fsm_cfg, step_fn=self._step_fn,
@@ -313,8 +316,9 @@ class Tessera:
         only has to be large enough to hold that span. Out-of-range arguments (temperature < 0, top_p outside
         (0, 1], a non-finite cfg_scale, a prompt that does not fit max_seq_len) raise ValueError.
 
-        draft: a smaller model over the same tokenizer bundle for speculative decoding (None: the default set
-        by `load(..., draft=...)` or `set_draft`, if any; False: plain decoding), proposing `draft_tokens`
+        draft: a smaller model over the same tokenizer bundle for speculative decoding, or "lookup" (guesses
+        copied from earlier in the prompt and output; no draft model) (None: the default set by
+        `load(..., draft=...)` or `set_draft`, if any; False: plain decoding), proposing `draft_tokens`
         tokens a round (default 4). Greedy outputs are the same tokens as plain decoding; sampled ones have
         the same distribution (not the same tokens for a seed).
         """

@@ -26,6 +26,11 @@ unconditional half of the batch takes the conditional rows' tokens, in both mode
 
 The draft reads a guess only when it makes the next one: when every guess was kept, the last one is read at
 the start of the next round, in the same forward pass as the model's new token.
+
+Without a draft model, `PromptLookup` guesses by copying: it finds the latest earlier occurrence of the
+sequence's last few tokens (in the prompt or the output so far) and proposes the tokens that followed it.
+A copied guess is a point mass `q`, so the same rule keeps it with probability `p(d)` and draws a rejected
+position from `p` without `d`; the output is exact in the same sense.
 """
 
 from __future__ import annotations
@@ -58,6 +63,26 @@ def _uniform(rows: int, n: int, generator, device) -> torch.Tensor:
     return torch.rand(rows, n, generator=generator, device=device)
 
 
+class PromptLookup:
+    """Draft-free guesses: the tokens that followed the latest earlier match of the last `n` tokens (the
+    longest `n` from `max_ngram` down to `min_ngram` that matches), padded with the last token."""
+
+    def __init__(self, max_ngram: int = 3, min_ngram: int = 1):
+        if not 1 <= min_ngram <= max_ngram:
+            raise ValueError(f"need 1 <= min_ngram <= max_ngram, got {min_ngram}, {max_ngram}")
+        self.max_ngram, self.min_ngram = max_ngram, min_ngram
+
+    def propose(self, history: list[int], k: int) -> list[int]:
+        h = history
+        for n in range(min(self.max_ngram, len(h) - 1), self.min_ngram - 1, -1):
+            tail = h[-n:]
+            for start in range(len(h) - n - 1, -1, -1):  # latest match first, not the tail itself
+                if h[start : start + n] == tail:
+                    follow = h[start + n : start + n + k]
+                    return follow + [follow[-1]] * (k - len(follow))
+        return [h[-1]] * k
+
+
 def _prefill(model, cache: KVCache, ids, valid, positions) -> None:
     if ids.shape[1]:
         cache.begin(ids.shape[1], valid)
@@ -86,8 +111,8 @@ def speculative_decode(
     stats: dict | None = None,
 ) -> Iterator[torch.Tensor]:
     """`decode`'s contract (one (B,) tensor of tokens per step; finished rows yield `pad_id`), computed with
-    `draft` proposing `draft_tokens` tokens a round. `stats`, if given, receives the counts of rounds, drafted
-    and accepted tokens."""
+    `draft` (a model over the same vocabulary, or a `PromptLookup`) proposing `draft_tokens` tokens a round.
+    `stats`, if given, receives the counts of rounds, drafted and accepted tokens."""
     k = int(draft_tokens)
     if k < 1:
         raise ValueError(f"draft_tokens must be >= 1, got {draft_tokens}")
@@ -101,10 +126,12 @@ def speculative_decode(
     # Real tokens per row never exceed T + max_new_tokens; a round writes at most k + 1 more slots.
     max_len = T + max_new_tokens + 2 * (k + 1)
     tcache = KVCache.for_model(model, R, max_len, device=device)
-    dcache = KVCache.for_model(draft, R, max_len, device=device)
+    lookup = isinstance(draft, PromptLookup)
+    dcache = None if lookup else KVCache.for_model(draft, R, max_len, device=device)
     # Both caches hold everything but the last token, which the next round feeds.
     for m, c in ((model, tcache), (draft, dcache)):
-        _prefill(m, c, ids[:, :-1], valid[:, :-1], positions[:, :-1])
+        if c is not None:
+            _prefill(m, c, ids[:, :-1], valid[:, :-1], positions[:, :-1])
     last, pos = ids[:, -1], positions[:, -1]  # (R,)
     carry = torch.full((R,), pad_id, dtype=torch.long, device=device)  # the kept guess the draft has not read
     carry_ok = torch.zeros(R, dtype=torch.bool, device=device)
@@ -146,12 +173,14 @@ def speculative_decode(
     while True:
         # A batch whose rows kept different counts leaves holes; squeeze them out when the slots run short.
         for c in (tcache, dcache):
-            if c.length + k + 2 > c.max_len:
+            if c is not None and c.length + k + 2 > c.max_len:
                 c.compact()
         # ---- the draft guesses k tokens, each under the FSM state the earlier guesses lead to
         states, masks, guesses, qs = [st], [], [], []
-        d0 = dcache.length
-        two = bool(carry_ok.any())
+        if lookup:
+            copied = torch.tensor([draft.propose(prompts[i] + outs[i], k) for i in range(B)], device=device)
+        d0 = dcache.length if dcache is not None else 0
+        two = bool(carry_ok.any()) and not lookup
         if two:
             d_in, d_pos = torch.stack([carry, last], 1), torch.stack([(pos - 1).clamp(min=0), pos], 1)
             d_valid = torch.stack([carry_ok, torch.ones_like(carry_ok)], 1)
@@ -159,6 +188,16 @@ def speculative_decode(
             d_in, d_pos, d_valid = last[:, None], pos[:, None], None
         s = st
         for j in range(k):
+            if lookup:
+                masks.append(allowed(s, j))
+                d = copied[:, j]
+                d = torch.where(masks[-1].gather(1, d[:, None])[:, 0], d, masks[-1].long().argmax(-1))  # allowed
+                if not greedy:
+                    qs.append(torch.nn.functional.one_hot(d, masks[-1].shape[1]).float())
+                guesses.append(d)
+                s = fsm.advance(dict(s), d, fsm_cfg, *spans)
+                states.append(s)
+                continue
             dcache.begin(d_in.shape[1], d_valid)
             dl = draft(d_in, d_pos, cache=dcache, logits_to_keep=1)[:, -1].float()
             dcache.advance(d_in.shape[1])
@@ -219,7 +258,8 @@ def speculative_decode(
         done_rows = both(torch.tensor(finished, device=device))
         nR = both(n)
         tcache.keep(t0, torch.where(done_rows, 0, nR + 1))  # last and the kept guesses
-        dcache.keep(d0, torch.where(done_rows, 0, int(two) + 1 + nR.clamp(max=k - 1)))
+        if dcache is not None:
+            dcache.keep(d0, torch.where(done_rows, 0, int(two) + 1 + nR.clamp(max=k - 1)))
         carry, carry_ok = both(D[:, -1]), (nR == k) & ~done_rows
         last, pos = both(x), torch.where(done_rows, pos, pos + nR + 1)
         # ---- yield every step that all unfinished rows have reached
