@@ -220,13 +220,18 @@ def speculative_decode(
         tl = model(torch.cat([last[:, None], both(D)], 1), pos[:, None] + arange, cache=tcache).float()
         tcache.advance(k + 1)
         masks.append(allowed(states[k], k))
-        target = [constrain(tl[:, j], states[j], masks[j]) for j in range(k + 1)]
+        target = tl[:B]  # (B, k + 1, V): what plain decoding samples from at each position, as `constrain`
+        if guided:
+            unc = tl[B:]
+            in_span = torch.stack([fsm.in_span(s_) for s_ in states], 1)[..., None]
+            target = torch.where(in_span, unc + cfg_scale * (target - unc), target)
+        target = target.masked_fill(~torch.stack(masks, 1), float("-inf"))
         if greedy:
-            best = torch.stack([t.argmax(-1) for t in target], 1)  # (B, k + 1)
+            best = target.argmax(-1)  # (B, k + 1)
             n = (best[:, :k] == D).long().cumprod(1).sum(1)
             x = best.gather(1, n[:, None])[:, 0]
         else:
-            P = torch.stack([probabilities(t, sampling) for t in target], 1)  # (B, k + 1, V)
+            P = probabilities(target.flatten(0, 1), sampling).view(target.shape)  # (B, k + 1, V)
             Q = torch.stack(qs + [torch.zeros_like(qs[0])], 1)
             pd = P[:, :k].gather(2, D[:, :, None])[..., 0]
             qd = Q[:, :k].gather(2, D[:, :, None])[..., 0]
@@ -244,6 +249,8 @@ def speculative_decode(
         live = [i for i in range(B) if not finished[i]]
         n_drafted += k * len(live)
         n_accepted += int(n[live].sum()) if live else 0
+        if stats is not None:  # kept current: a consumer may stop early (a stream at its end of text)
+            stats.update(rounds=n_rounds, drafted=n_drafted, accepted=n_accepted)
         tl_, pre_, n_ = toks.tolist(), pre.tolist(), n.tolist()
         for i in live:
             for j in range(n_[i] + 1):
@@ -271,6 +278,4 @@ def speculative_decode(
             yield torch.tensor([o[step] if step < len(o) else pad_id for o in outs], device=device)
         sent = max(sent, ready)
         if all(finished):
-            if stats is not None:
-                stats.update(rounds=n_rounds, drafted=n_drafted, accepted=n_accepted)
             return
