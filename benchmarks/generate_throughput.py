@@ -67,7 +67,8 @@ def demo_bundle(root: Path) -> Path:
     return root / "bundle"
 
 
-def bench(preset: str, bundle: Path, new_tokens: int, rounds: int, device, compile_step: bool = False) -> dict:
+def bench(preset: str, bundle: Path, new_tokens: int, rounds: int, device, compile_step: bool = False,
+          images: bool = True) -> dict:
     from transformers import LogitsProcessor, LogitsProcessorList
 
     from tessera.model.api import random_model
@@ -169,7 +170,7 @@ def bench(preset: str, bundle: Path, new_tokens: int, rounds: int, device, compi
         res[f"{name}_ratio"] = round(res[f"tessera_{name}_tokens_per_s"] / res["hf_tokens_per_s"], 3)
         res[f"{name}_vs_fp32"] = round(res[f"tessera_{name}_tokens_per_s"] / res["tessera_tokens_per_s"], 3)
         res[f"{name}_greedy_ids_matching_fp32"] = round(sum(x == y for x, y in zip(low_out, a_out)) / new_tokens, 3)
-    for name, size in (("demo_image_4x4", None), ("image_16x16", (128, 128))):
+    for name, size in (("demo_image_4x4", None), ("image_16x16", (128, 128))) if images else ():
         m.generate("a drawing of the digit seven", output="image", cfg_scale=3.0, seed=0, image_size=size)
         times = [timed(lambda: m.generate("a drawing of the digit seven", output="image", cfg_scale=3.0, seed=s,
                                           image_size=size))[0] for s in range(rounds)]
@@ -251,6 +252,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--gpu-1b", action="store_true")
     p.add_argument("--compile", action="store_true", help="also time tessera with its decode step compiled")
+    p.add_argument("--skip-images", action="store_true", help="leave out the seconds-per-image rows")
     p.add_argument("--model-run", help="a trained run: time its tasks plain, speculative and in bf16/int8")
     p.add_argument("--draft-run", help="a draft run over the same bundle, for the speculative rows")
     p.add_argument("--draft-k", default="2,4", help="draft tokens per round, comma-separated")
@@ -262,7 +264,7 @@ def main() -> None:
         bundle = demo_bundle(Path(tmp))
         presets = [x for x in args.presets.split(",") if x] + (["1b"] if args.gpu_1b else [])
         for preset in presets:
-            r = bench(preset, bundle, args.new_tokens, args.rounds, device, args.compile)
+            r = bench(preset, bundle, args.new_tokens, args.rounds, device, args.compile, not args.skip_images)
             print(json.dumps(r), flush=True)
             runs.append(r)
     if args.model_run:
