@@ -13,7 +13,17 @@ machine. `floor_tokens_per_s / hf_tokens_per_s` is the largest ratio an exact fp
 `--compile` adds tessera with its decode step compiled (`Tessera.compile()`; the compile time is reported
 apart and not counted).
 
+Low-memory rows (every preset): the same greedy decode with bf16 weights and with weight-only int8 Linear
+layers (`tessera.load(run, dtype="bf16"|"int8")`), with the fraction of the 256 greedy ids that match fp32's.
+
+Speculative rows (`--model-run RUN --draft-run DRAFT`, trained runs over one bundle): seconds per generation
+of the demo's tasks (draw: an image with CFG 3; speak: up to 1.5 s of audio with CFG 3; text: 48 tokens of
+text), plain decoding against speculative decoding with `k` draft tokens, greedy (ids must be identical) and
+sampled as the eval samples (draw at temperature 0.5, speak at 0.3), with the acceptance rate; and the same
+tasks with bf16 and int8 weights (plain decoding), and draft-free prompt lookup (`draft="lookup"`).
+
     python benchmarks/generate_throughput.py [--presets demo,small] [--new-tokens 256] [--compile]
+    python benchmarks/generate_throughput.py --presets '' --model-run run/ --draft-run draft/ [--draft-k 2,4]
     python benchmarks/generate_throughput.py --gpu-1b        # CUDA: also 1b, seconds per 256-token image
 
 Writes benchmarks/results/generate_throughput.json.
@@ -57,7 +67,8 @@ def demo_bundle(root: Path) -> Path:
     return root / "bundle"
 
 
-def bench(preset: str, bundle: Path, new_tokens: int, rounds: int, device, compile_step: bool = False) -> dict:
+def bench(preset: str, bundle: Path, new_tokens: int, rounds: int, device, compile_step: bool = False,
+          images: bool = True) -> dict:
     from transformers import LogitsProcessor, LogitsProcessorList
 
     from tessera.model.api import random_model
@@ -138,12 +149,100 @@ def bench(preset: str, bundle: Path, new_tokens: int, rounds: int, device, compi
         res["compiled_ratio"] = round(res["tessera_compiled_tokens_per_s"] / res["hf_tokens_per_s"], 3)
         res["compiled_identical_greedy_ids"] = c_out == b_out
         m._step_fn = None
-    for name, size in (("demo_image_4x4", None), ("image_16x16", (128, 128))):
+    low = {}
+    for name in ("bf16", "int8"):
+        import copy
+
+        from tessera.model.quant import quantize_int8
+
+        lm = copy.deepcopy(m.model)
+        lm = lm.to(torch.bfloat16) if name == "bf16" else quantize_int8(lm)
+        low[name] = lm
+    for name, lm in low.items():
+        def run_low(lm=lm):
+            steps = decode(lm, [prompt], fsm, FSMConfig(), start_state=TEXT, max_new_tokens=new_tokens,
+                           sampling=SamplingConfig(temperature=0), pad_id=L.pad)
+            return torch.stack(list(steps), 1)[0].tolist()
+
+        low_out = run_low()
+        times = [timed(run_low)[0] for _ in range(rounds)]
+        res[f"tessera_{name}_tokens_per_s"] = round(new_tokens / statistics.median(times), 1)
+        res[f"{name}_ratio"] = round(res[f"tessera_{name}_tokens_per_s"] / res["hf_tokens_per_s"], 3)
+        res[f"{name}_vs_fp32"] = round(res[f"tessera_{name}_tokens_per_s"] / res["tessera_tokens_per_s"], 3)
+        res[f"{name}_greedy_ids_matching_fp32"] = round(sum(x == y for x, y in zip(low_out, a_out)) / new_tokens, 3)
+    for name, size in (("demo_image_4x4", None), ("image_16x16", (128, 128))) if images else ():
         m.generate("a drawing of the digit seven", output="image", cfg_scale=3.0, seed=0, image_size=size)
         times = [timed(lambda: m.generate("a drawing of the digit seven", output="image", cfg_scale=3.0, seed=s,
                                           image_size=size))[0] for s in range(rounds)]
         res[f"seconds_per_{name}_cfg"] = round(statistics.median(times), 4)
     return res
+
+
+SPEC_TASKS = (
+    ("draw", "a drawing of the digit seven", dict(output="image", cfg_scale=3.0), 0.5),
+    ("speak", "say seven", dict(output="audio", cfg_scale=3.0, max_audio_seconds=1.5), 0.3),
+    ("text", "a drawing of the digit", dict(output="text", max_new_tokens=48), None),
+)
+
+
+def bench_trained(model_run: str, draft_run: str | None, ks: list[int], rounds: int) -> list[dict]:
+    """Plain against speculative decoding, and fp32 against bf16/int8 weights, on a trained model's tasks."""
+    import tessera
+
+    m = tessera.load(model_run, device="cpu")
+    draft = tessera.load(draft_run, device="cpu") if draft_run else None
+    low = {name: tessera.load(model_run, device="cpu", dtype=name) for name in ("bf16", "int8")}
+    out = []
+
+    def timed(fn):
+        t = time.perf_counter()
+        r = fn()
+        return time.perf_counter() - t, r
+
+    for task, prompt, kw, temp in SPEC_TASKS:
+        for mode, temperature in (("greedy", 0.0), ("sampled", temp)):
+            if temperature is None:
+                continue
+            seeds = list(range(rounds))
+            plain = lambda s: m.generate_ids(prompt, temperature=temperature, seed=s, draft=False, **kw)[0]  # noqa: E731
+            ref = [plain(s) for s in seeds]  # warm-up, and the ids to match
+            row = {"model": model_run, "task": task, "mode": mode, "temperature": temperature,
+                   "tokens": round(statistics.mean(len(r) for r in ref), 1)}
+            variants = {}
+            if draft is not None:
+                for k in ks:
+                    variants[f"spec_k{k}"] = (lambda s, k=k: m.generate_ids(prompt, temperature=temperature, seed=s,
+                                                                            draft=draft, draft_tokens=k, **kw)[0])
+            for k in ks:
+                variants[f"lookup_k{k}"] = (lambda s, k=k: m.generate_ids(prompt, temperature=temperature, seed=s,
+                                                                          draft="lookup", draft_tokens=k, **kw)[0])
+            for name, lm in low.items():
+                variants[name] = (lambda s, lm=lm: lm.generate_ids(prompt, temperature=temperature, seed=s, **kw)[0])
+            times = {"plain": [], **{v: [] for v in variants}}
+            stats = {v: {"drafted": 0, "accepted": 0, "rounds": 0} for v in variants if v.startswith(("spec", "lookup"))}
+            same = {v: True for v in variants}
+            for s in seeds:  # alternating, so a noisy machine affects every side
+                times["plain"].append(timed(lambda: plain(s))[0])
+                for v, fn in variants.items():
+                    dt, ids = timed(lambda: fn(s))
+                    times[v].append(dt)
+                    same[v] = same[v] and ids == ref[s]
+                    if v in stats:
+                        for key in stats[v]:
+                            stats[v][key] += m.last_speculation[key]
+            base = statistics.median(times["plain"])
+            row["plain_seconds"] = round(base, 4)
+            for v in variants:
+                row[f"{v}_seconds"] = round(statistics.median(times[v]), 4)
+                row[f"{v}_speedup"] = round(base / statistics.median(times[v]), 3)
+                if mode == "greedy":
+                    row[f"{v}_identical_ids"] = same[v]
+                if v in stats:
+                    st = stats[v]
+                    row[f"{v}_acceptance"] = round(st["accepted"] / max(1, st["drafted"]), 3)
+            print(json.dumps(row), flush=True)
+            out.append(row)
+    return out
 
 
 def main() -> None:
@@ -153,17 +252,24 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--gpu-1b", action="store_true")
     p.add_argument("--compile", action="store_true", help="also time tessera with its decode step compiled")
+    p.add_argument("--skip-images", action="store_true", help="leave out the seconds-per-image rows")
+    p.add_argument("--model-run", help="a trained run: time its tasks plain, speculative and in bf16/int8")
+    p.add_argument("--draft-run", help="a draft run over the same bundle, for the speculative rows")
+    p.add_argument("--draft-k", default="2,4", help="draft tokens per round, comma-separated")
     p.add_argument("--out", default=str(RESULTS))
     args = p.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
         bundle = demo_bundle(Path(tmp))
-        presets = args.presets.split(",") + (["1b"] if args.gpu_1b else [])
+        presets = [x for x in args.presets.split(",") if x] + (["1b"] if args.gpu_1b else [])
         for preset in presets:
-            r = bench(preset, bundle, args.new_tokens, args.rounds, device, args.compile)
+            r = bench(preset, bundle, args.new_tokens, args.rounds, device, args.compile, not args.skip_images)
             print(json.dumps(r), flush=True)
             runs.append(r)
+    if args.model_run:
+        runs += bench_trained(args.model_run, args.draft_run, [int(k) for k in args.draft_k.split(",")],
+                              args.rounds)
     machine = {"device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
                "threads": torch.get_num_threads(), "torch": torch.__version__,
                "transformers": __import__("transformers").__version__}

@@ -211,11 +211,11 @@ def heldout_perplexity(m, run_dir: Path, corpus: Path, max_batches: int = 100) -
 
 
 def evaluate_run(run_dir: str | Path, tasks: str = "digits", data: str | Path | None = None, out: Path | None = None,
-                 eval_cfg: DigitsEvalConfig | None = None, device=None, progress: bool = True) -> dict:
+                 eval_cfg: DigitsEvalConfig | None = None, device=None, progress: bool = True, dtype=None) -> dict:
     from tessera.model.api import load
 
     run_dir = Path(run_dir)
-    m = load(run_dir, device=device)
+    m = load(run_dir, device=device, dtype=dtype)
     if tasks == "digits":
         corpus = Path(data) if data else find_corpus(run_dir)
         items, base = digits_tasks(corpus, eval_cfg), corpus
@@ -261,6 +261,8 @@ def add_eval_arguments(p) -> None:
                            help=f"{key} when the digits tasks generate {kind}s")
     p.add_argument("--max-items", type=int, default=0, help="cap the per-clip/per-image tasks (0: all)")
     p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default=None, choices=["fp32", "bf16", "int8"],
+                   help="the weights' precision (default: fp32 on CPU, bf16 on CUDA); int8: weight-only int8")
 
 
 def run_eval(args) -> int:
@@ -268,6 +270,7 @@ def run_eval(args) -> int:
                            **{f"{kind}_{key}": getattr(args, f"{kind}_{key}") for kind in ("image", "audio")
                               for key in ("temperature", "top_k", "cfg_scale")})
     out = Path(args.out) if args.out else None
-    results = evaluate_run(args.model, args.tasks, args.data, out, cfg, device=args.device, progress=not args.json)
+    results = evaluate_run(args.model, args.tasks, args.data, out, cfg, device=args.device, progress=not args.json,
+                           dtype=args.dtype)
     print(json.dumps(results, indent=2) if args.json else format_table(results))
     return 0

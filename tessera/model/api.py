@@ -26,6 +26,8 @@ from tessera.config import from_dict
 from tessera.errors import TesseraError
 from tessera.model.constrained import AUDIO, CODES, TEXT, FSMConfig, SpanFSM
 from tessera.model.generate import SamplingConfig, decode
+from tessera.model.quant import quantize_int8
+from tessera.model.speculative import PromptLookup, speculative_decode
 from tessera.model.transformer import ModelConfig, Transformer
 from tessera.storage import load_tensors, read_json
 from tessera.tokenizers.bundle import load_bundle
@@ -37,6 +39,25 @@ OUTPUTS = ("text", "image", "audio", "any")
 
 class LoadError(TesseraError):
     pass
+
+
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+          "fp16": torch.float16, "float16": torch.float16}
+
+
+def resolve_dtype(dtype, device: torch.device) -> tuple[torch.dtype, bool]:
+    """(the weights' float dtype, whether Linear weights become int8) for `load`'s `dtype` argument: None (bf16
+    on CUDA, fp32 elsewhere), a torch dtype, "fp32", "bf16", "fp16", or "int8" (weight-only int8 Linear
+    layers, everything else in fp32)."""
+    if dtype is None:
+        return (torch.bfloat16 if device.type == "cuda" else torch.float32), False
+    if isinstance(dtype, torch.dtype):
+        return dtype, False
+    if dtype == "int8":
+        return torch.float32, True
+    if dtype in DTYPES:
+        return DTYPES[dtype], False
+    raise ValueError(f"dtype must be a torch dtype or one of {', '.join([*DTYPES, 'int8'])}, not {dtype!r}")
 
 
 def _is_segment(x) -> bool:
@@ -53,10 +74,14 @@ class Tessera:
         self.device = next(model.parameters()).device
         self.fsm = SpanFSM(tokenizer.layout, tokenizer.eos_id, device=self.device)
         self._step_fn = None
+        self.draft: Tessera | None = None  # the default draft model of speculative decoding (`set_draft`)
+        self.draft_tokens = 4
+        self.last_speculation: dict | None = None  # rounds, drafted and accepted tokens of the last call
 
     # ------------------------------------------------------------------------------------- loading
     @classmethod
-    def load(cls, run_dir: str | Path, device=None, dtype=None, compile: bool = False) -> "Tessera":
+    def load(cls, run_dir: str | Path, device=None, dtype=None, compile: bool = False, draft=None,
+             draft_tokens: int = 4) -> "Tessera":
         run = Path(run_dir)
         cfg_path, weights = run / "config.json", run / "model.safetensors"
         if not cfg_path.is_file():
@@ -72,8 +97,7 @@ class Tessera:
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         device = torch.device(device)
-        if dtype is None:
-            dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        dtype, int8 = resolve_dtype(dtype, device)
         tokenizer = load_bundle(run / "tokenizer", device=device)
         if tokenizer.bundle_hash != config["tokenizer_hash"]:
             raise LoadError(f"{run}: the model was trained with bundle {config['tokenizer_hash'][:12]} but "
@@ -97,10 +121,41 @@ class Tessera:
         if mcfg.tie_embeddings:
             model.output.weight = model.tok_embeddings.weight
         model.to(device=device, dtype=dtype)
+        if int8:
+            quantize_int8(model)
         m = cls(model, tokenizer, run)
         if compile:
             m.compile()
+        if draft is not None:
+            if not isinstance(draft, Tessera) and draft != "lookup":
+                draft = cls.load(draft, device=device, dtype="int8" if int8 else dtype)
+            m.set_draft(draft, draft_tokens)
         return m
+
+    def set_draft(self, draft: "Tessera | None", draft_tokens: int = 4) -> None:
+        """Make `draft` (a smaller model over the same tokenizer bundle) the default draft of speculative
+        decoding, proposing `draft_tokens` tokens a round; None turns it off."""
+        if draft is not None:
+            self._check_draft(draft, draft_tokens)
+        self.draft, self.draft_tokens = draft, draft_tokens
+
+    def _check_draft(self, draft, draft_tokens) -> None:
+        if not (isinstance(draft_tokens, numbers.Integral) and draft_tokens >= 1):
+            raise ValueError(f"draft_tokens must be an integer >= 1, got {draft_tokens!r}")
+        if draft == "lookup":
+            return
+        if not isinstance(draft, Tessera):
+            raise TypeError(f"draft must be a tessera.Tessera (a loaded model) or 'lookup', not {draft!r}")
+        a, b = self.tokenizer, draft.tokenizer
+        same = a is b or (a.bundle_hash is not None and a.bundle_hash == b.bundle_hash)
+        if not same:
+            raise ValueError(f"the draft model's tokenizer bundle ({(b.bundle_hash or 'unhashed')[:12]}) is not "
+                             f"this model's ({(a.bundle_hash or 'unhashed')[:12]}); a draft must share the bundle")
+        if draft.model.cfg.vocab_size != self.model.cfg.vocab_size:
+            raise ValueError(f"the draft has {draft.model.cfg.vocab_size} embedding rows, this model "
+                             f"{self.model.cfg.vocab_size}")
+        if draft.device != self.device:
+            raise ValueError(f"the draft is on {draft.device}, this model on {self.device}")
 
     def compile(self) -> None:
         """Compile the decode step (with a static KV cache); on CUDA, captured as CUDA graphs."""
@@ -163,9 +218,21 @@ class Tessera:
         return [], cfg, TEXT, 0, 256 if max_new_tokens is None else max_new_tokens
 
     # ------------------------------------------------------------------------------------ generate
+    def _resolve_draft(self, draft, draft_tokens):
+        """The draft model and its token count for a call: None takes the default (`set_draft`), False none."""
+        if draft is False:
+            return None, 0
+        k = self.draft_tokens if draft_tokens is None else draft_tokens
+        if draft is None:
+            draft = self.draft
+        if draft is not None:
+            self._check_draft(draft, k)
+        return draft, k
+
     def _tokens(self, prompts, output, max_new_tokens, temperature, top_k, top_p, cfg_scale, seed, image_size,
-                max_audio_seconds):
+                max_audio_seconds, draft=None, draft_tokens=None):
         sampling = SamplingConfig(temperature, top_k, top_p)  # checks their ranges
+        draft, k = self._resolve_draft(draft, draft_tokens)
         if not math.isfinite(cfg_scale):
             raise ValueError(f"cfg_scale must be a finite number (1: off), got {cfg_scale}")
         suffix, fsm_cfg, start, remaining, budget = self._plan(output, max_new_tokens, image_size, max_audio_seconds)
@@ -190,18 +257,26 @@ class Tessera:
                 raise ValueError("cfg_scale applies to output='image' or 'audio'")
             # the prompt with its conditioning dropped, as the loader's conditioning dropout trains it
             uncond = [[self.tokenizer.bos_id] + suffix for _ in prompts]
-        gen = decode(self.model, ids, self.fsm, fsm_cfg, start_state=start, max_new_tokens=budget,
-                     sampling=sampling, pad_id=self.tokenizer.pad_id, seed=seed,
-                     start_remaining=remaining, cfg_scale=cfg_scale, uncond_prompts=uncond, step_fn=self._step_fn,
-                     static_cache=self._step_fn is not None, min_new_tokens=1 if output == "text" else 0)
+        common = dict(start_state=start, max_new_tokens=budget, sampling=sampling, pad_id=self.tokenizer.pad_id,
+                      seed=seed, start_remaining=remaining, cfg_scale=cfg_scale, uncond_prompts=uncond,
+                      min_new_tokens=1 if output == "text" else 0)
+        if draft is not None:
+            self.last_speculation = {}
+            proposer = PromptLookup() if draft == "lookup" else draft.model
+            gen = speculative_decode(self.model, proposer, ids, self.fsm, fsm_cfg, draft_tokens=k,
+                                     stats=self.last_speculation, **common)
+        else:
+            gen = decode(self.model, ids, self.fsm, fsm_cfg, step_fn=self._step_fn,
+                         static_cache=self._step_fn is not None, **common)
         return suffix, gen
 
     def generate_ids(self, prompt, *, output="text", max_new_tokens=None, temperature=1.0, top_k=0, top_p=1.0,
-                     cfg_scale=1.0, seed=None, image_size=None, max_audio_seconds=None) -> list[list[int]]:
+                     cfg_scale=1.0, seed=None, image_size=None, max_audio_seconds=None, draft=None,
+                     draft_tokens=None) -> list[list[int]]:
         """The generated ids of each prompt (including the span opener for image/audio outputs)."""
         prompts, _ = self._batch(prompt)
         suffix, gen = self._tokens(prompts, output, max_new_tokens, temperature, top_k, top_p, cfg_scale, seed,
-                                   image_size, max_audio_seconds)
+                                   image_size, max_audio_seconds, draft, draft_tokens)
         steps = [t.cpu() for t in gen]
         out = torch.stack(steps, 1).tolist() if steps else [[] for _ in prompts]
         result = []
@@ -223,7 +298,8 @@ class Tessera:
 
     def generate(self, prompt, *, output: str = "text", max_new_tokens: int | None = None, temperature: float = 1.0,
                  top_k: int = 0, top_p: float = 1.0, cfg_scale: float = 1.0, seed: int | list[int] | None = None,
-                 image_size: tuple[int, int] | None = None, max_audio_seconds: float | None = None):
+                 image_size: tuple[int, int] | None = None, max_audio_seconds: float | None = None,
+                 draft: "Tessera | None | bool" = None, draft_tokens: int | None = None):
         """Generate from one prompt (-> list of segments) or a batch of prompts (-> one list per prompt).
 
         output: "text", "image" (exactly one image of `image_size` pixels, default the codec's), "audio" (one
@@ -239,22 +315,29 @@ class Tessera:
         max_seq_len. An image's length is fixed by its grid (h*w codes and <eoi>), so for output="image" it
         only has to be large enough to hold that span. Out-of-range arguments (temperature < 0, top_p outside
         (0, 1], a non-finite cfg_scale, a prompt that does not fit max_seq_len) raise ValueError.
+
+        draft: a smaller model over the same tokenizer bundle for speculative decoding, or "lookup" (guesses
+        copied from earlier in the prompt and output; no draft model) (None: the default set by
+        `load(..., draft=...)` or `set_draft`, if any; False: plain decoding), proposing `draft_tokens`
+        tokens a round (default 4). Greedy outputs are the same tokens as plain decoding; sampled ones have
+        the same distribution (not the same tokens for a seed).
         """
         _, batched = self._batch(prompt)
         ids = self.generate_ids(prompt, output=output, max_new_tokens=max_new_tokens, temperature=temperature,
                                 top_k=top_k, top_p=top_p, cfg_scale=cfg_scale, seed=seed, image_size=image_size,
-                                max_audio_seconds=max_audio_seconds)
+                                max_audio_seconds=max_audio_seconds, draft=draft, draft_tokens=draft_tokens)
         outs = [self.tokenizer.decode(row, strict=True) for row in ids]
         return outs if batched else outs[0]
 
     def stream(self, prompt, *, output: str = "text", max_new_tokens: int | None = None, temperature: float = 1.0,
                top_k: int = 0, top_p: float = 1.0, cfg_scale: float = 1.0, seed: int | None = None,
-               image_size=None, max_audio_seconds=None) -> Iterator:
-        """Yield text pieces as they are decoded, and each image or audio clip as its span closes."""
+               image_size=None, max_audio_seconds=None, draft=None, draft_tokens=None) -> Iterator:
+        """Yield text pieces as they are decoded, and each image or audio clip as its span closes (with a
+        draft model, a round's kept tokens arrive together)."""
         if not (_is_segment(prompt) or all(_is_segment(s) for s in prompt)):
             raise ValueError("stream takes one prompt, not a batch")
         suffix, gen = self._tokens([prompt], output, max_new_tokens, temperature, top_k, top_p, cfg_scale, seed,
-                                   image_size, max_audio_seconds)
+                                   image_size, max_audio_seconds, draft, draft_tokens)
         L, tok = self.tokenizer.layout, self.tokenizer
         text_ids: list[int] = []
         sent = 0
@@ -301,9 +384,17 @@ class Tessera:
         return float(logp.gather(-1, target[:, None]).sum())
 
 
-def load(run_dir: str | Path, device=None, dtype=None, compile: bool = False) -> Tessera:
-    """Load a trained run (its model.safetensors and tokenizer bundle) for generation."""
-    return Tessera.load(run_dir, device=device, dtype=dtype, compile=compile)
+def load(run_dir: str | Path, device=None, dtype=None, compile: bool = False, draft=None,
+         draft_tokens: int = 4) -> Tessera:
+    """Load a trained run (its model.safetensors and tokenizer bundle) for generation.
+
+    `dtype`: None (bf16 on CUDA, fp32 on CPU), a torch dtype, "fp32", "bf16", or "int8" (weight-only int8
+    Linear layers, a quarter of fp32's bytes per step; see docs/generation.md for what each costs in quality).
+
+    `draft`: a run directory (or a loaded `Tessera`) of a smaller model over the same tokenizer bundle, made
+    the default draft of speculative decoding with `draft_tokens` tokens a round."""
+    return Tessera.load(run_dir, device=device, dtype=dtype, compile=compile, draft=draft,
+                        draft_tokens=draft_tokens)
 
 
 def random_model(tokenizer: MultimodalTokenizer, preset: str = "tiny", seed: int = 0, **overrides) -> Tessera:

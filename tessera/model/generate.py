@@ -45,6 +45,15 @@ def sample(logits: torch.Tensor, cfg: SamplingConfig, generator) -> torch.Tensor
     """
     if cfg.temperature <= 0:
         return logits.argmax(-1)
+    probs = probabilities(logits, cfg)
+    if isinstance(generator, list):
+        return torch.cat([torch.multinomial(p[None], 1, generator=g)[0] for p, g in zip(probs, generator)])
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def probabilities(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
+    """logits (..., V) -> the distribution `sample` draws from at temperature > 0: scaled, top-k and top-p
+    filtered, softmaxed."""
     logits = logits / cfg.temperature
     if cfg.top_k and cfg.top_k < logits.shape[-1]:
         kth = logits.topk(cfg.top_k, dim=-1).values[:, -1:]
@@ -55,10 +64,7 @@ def sample(logits: torch.Tensor, cfg: SamplingConfig, generator) -> torch.Tensor
         # drop a token when the mass before it already reaches top_p (the first token always stays)
         drop = probs.cumsum(-1) - probs >= cfg.top_p
         logits = logits.scatter(-1, idx, sorted_logits.masked_fill(drop, float("-inf")))
-    probs = logits.softmax(-1)
-    if isinstance(generator, list):
-        return torch.cat([torch.multinomial(p[None], 1, generator=g)[0] for p, g in zip(probs, generator)])
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return logits.softmax(-1)
 
 
 def left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

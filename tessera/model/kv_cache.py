@@ -87,3 +87,35 @@ class KVCache:
         self._layers = list(zip(self.k.unbind(0), self.v.unbind(0)))
         self.key_valid = self.key_valid[index]
         self.padded = self.padded and not bool(self.key_valid[:, : self.length].all())
+
+    def keep(self, start: int, counts: torch.Tensor) -> None:
+        """Of the slots written since slot `start`, row i keeps its first `counts[i]` (speculative decoding's
+        roll-back after a rejected draft). The length becomes `start + max(counts)`; a row's slots past its
+        own count become holes, masked out of attention like padding."""
+        n = int(counts.max())
+        end = start + n
+        if not bool((counts == n).all()):
+            hole = self._slots[None, start:end] >= (start + counts)[:, None]
+            self.key_valid[:, start:end] &= ~hole
+            self.padded = True
+        self.length = end
+        self.mask = None
+
+    def compact(self) -> None:
+        """Squeeze the holes out of the filled slots: each row's real slots move, in order, to the end of the
+        new filled prefix (left-padded, as a prompt batch is); the length becomes the largest count of real
+        slots in a row. Positions are the caller's, so attention computes the same after a compaction."""
+        L = self.length
+        valid = self.key_valid[:, :L]
+        n = int(valid.sum(1).max())
+        # holes first, then real slots, each in slot order (a stable sort), and the last n of them
+        order = torch.sort(valid.to(torch.int8), dim=1, stable=True).indices[:, L - n:]  # (B, n)
+        nl, _, h, _, d = self.k.shape
+        idx = order[None, :, None, :, None].expand(nl, -1, h, -1, d)
+        self.k[:, :, :, :n] = self.k[:, :, :, :L].gather(3, idx)
+        self.v[:, :, :, :n] = self.v[:, :, :, :L].gather(3, idx)
+        self.key_valid[:, :n] = valid.gather(1, order)
+        self.key_valid[:, n:L] = False
+        self.length = n
+        self.padded = not bool(self.key_valid[:, :n].all())
+        self.mask = None
