@@ -773,11 +773,10 @@ class HFDiskReader(_TableReader):
                 return
 
 
-class ImageFolderReader(Reader):
-    """A folder (searched recursively, in sorted order) of images, each with its caption in a sidecar
-    `NAME.txt` beside it: a document is the image, then the caption."""
+class _FolderReader(Reader):
+    """A folder whose records are a sorted listing (`_items`); a chunk is (first index, its items)."""
 
-    format = "imagefolder"
+    unit = ""  # what one record is, for describe()
 
     def _default_source(self) -> str:
         return self.path.name
@@ -785,19 +784,30 @@ class ImageFolderReader(Reader):
     def fingerprint(self) -> dict:
         return {"format": self.format, **tree_fingerprint(self.path)}
 
-    def _listing(self) -> list[str]:
-        return sorted(p.relative_to(self.path).as_posix() for p in self.path.rglob("*")
-                      if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    def _items(self) -> list:
+        raise NotImplementedError
 
     def plan(self, per_chunk: int) -> list:
-        names = self._listing()
-        return [(s, tuple(names[s:s + per_chunk])) for s in range(0, len(names), per_chunk)]
+        items = self._items()
+        return [(s, tuple(items[s:s + per_chunk])) for s in range(0, len(items), per_chunk)]
 
     def size(self, spec) -> int:
         return len(spec[1])
 
     def describe(self, spec) -> str:
-        return f"{self.name} images {spec[0] + 1}-{spec[0] + len(spec[1])}"
+        return f"{self.name} {self.unit} {spec[0] + 1}-{spec[0] + len(spec[1])}"
+
+
+class ImageFolderReader(_FolderReader):
+    """A folder (searched recursively, in sorted order) of images, each with its caption in a sidecar
+    `NAME.txt` beside it: a document is the image, then the caption."""
+
+    format = "imagefolder"
+    unit = "images"
+
+    def _items(self) -> list[str]:
+        return sorted(p.relative_to(self.path).as_posix() for p in self.path.rglob("*")
+                      if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
 
     def records(self, spec):
         root = self.path.resolve()
@@ -821,19 +831,14 @@ class ImageFolderReader(Reader):
                 yield where, Skip("missing_caption", f"{rel}: cannot read its caption ({e})")
 
 
-class LibriSpeechReader(Reader):
+class LibriSpeechReader(_FolderReader):
     """LibriSpeech's layout: `SPEAKER/CHAPTER/SPEAKER-CHAPTER.trans.txt`, one `UTTERANCE-ID TRANSCRIPT` per
     line, beside `UTTERANCE-ID.flac` (any audio extension). A document is the audio, then its transcript
     (verbatim: LibriSpeech's is upper case). An audio file that no transcript line names is
     `missing_transcript`; a line whose audio file is missing is `missing`."""
 
     format = "librispeech"
-
-    def _default_source(self) -> str:
-        return self.path.name
-
-    def fingerprint(self) -> dict:
-        return {"format": self.format, **tree_fingerprint(self.path)}
+    unit = "utterances"
 
     def _items(self) -> list[tuple]:
         """(audio path relative to the folder, transcript or None, where, problem or None), sorted."""
@@ -858,16 +863,6 @@ class LibriSpeechReader(Reader):
                 items.append((prefix + audio.get(uid, uid + ".flac"), text.strip() or None, where, None))
             items += [(prefix + name, None, prefix + name, None) for stem, name in audio.items() if stem not in named]
         return items
-
-    def plan(self, per_chunk: int) -> list:
-        items = self._items()
-        return [(s, tuple(items[s:s + per_chunk])) for s in range(0, len(items), per_chunk)]
-
-    def size(self, spec) -> int:
-        return len(spec[1])
-
-    def describe(self, spec) -> str:
-        return f"{self.name} utterances {spec[0] + 1}-{spec[0] + len(spec[1])}"
 
     def records(self, spec):
         root = self.path.resolve()
