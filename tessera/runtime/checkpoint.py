@@ -159,25 +159,29 @@ class RunLockedError(TesseraError):
 
 
 class RunLock:
-    """An exclusive lock on a run directory: `flock` on `RUN/.lock`, which records the holder.
+    """An exclusive lock on an output directory: `flock` on `DIR/.lock`, which records the holder.
 
-    `RunLock(run_dir).acquire()` creates the directory if needed and raises `RunLockedError` naming the
-    holder (pid, host, start time) when another process holds it. The lock lives as long as the open file:
-    `release()`, the end of the process, or its death (kill -9 included) frees it, so it never goes stale. The
-    lock file itself is never deleted (deleting it would let two processes lock two different files). Local
-    file systems and NFSv4 honour `flock` across processes and hosts.
+    `RunLock(run_dir).acquire()` creates the directory if needed and raises `error` (`RunLockedError` by
+    default) naming the holder (pid, host, the command when given, start time) when another process holds it,
+    after waiting up to `wait` seconds for it to end. The lock lives as long as the open file: `release()`,
+    the end of the process, or its death (kill -9 included) frees it, so it never goes stale. The lock file
+    itself is never deleted (deleting it would let two processes lock two different files). Local file
+    systems and NFSv4 honour `flock` across processes and hosts. Training runs and shard sets both use it.
     """
 
     NAME = ".lock"
 
-    def __init__(self, run_dir: str | os.PathLike):
+    def __init__(self, run_dir: str | os.PathLike, command: str | None = None, wait: float = 0.0,
+                 error: type[TesseraError] = RunLockedError):
         self.path = Path(run_dir) / self.NAME
+        self.command, self.wait, self.error = command, wait, error
         self._fd: int | None = None
 
     def holder(self) -> str:
         try:
             info = json.loads(self.path.read_text(encoding="utf-8"))
-            return f"pid {info['pid']} on {info['host']}, since {info['since']}"
+            command = f", {info['command']}" if info.get("command") else ""
+            return f"pid {info['pid']} on {info['host']}{command}, since {info['since']}"
         except (OSError, ValueError, KeyError, TypeError):
             return "holder unknown"
 
@@ -186,16 +190,24 @@ class RunLock:
             return self
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        deadline = time.monotonic() + self.wait
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        raise
+                    time.sleep(0.1)
         except BlockingIOError:
             os.close(fd)
-            raise RunLockedError(f"{self.path.parent} is in use by another run ({self.holder()}); wait for it to "
-                                 f"end or use another --out") from None
+            raise self.error(f"{self.path.parent} is in use by another run ({self.holder()}); wait for it to "
+                             f"end or use another --out") from None
         except BaseException:
             os.close(fd)
             raise
-        info = {"pid": os.getpid(), "host": socket.gethostname(),
+        info = {"pid": os.getpid(), "host": socket.gethostname(), **({"command": self.command} if self.command else {}),
                 "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         os.ftruncate(fd, 0)
         os.pwrite(fd, (json.dumps(info) + "\n").encode("utf-8"), 0)

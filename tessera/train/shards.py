@@ -17,17 +17,15 @@ when the run ends or its process dies), so a second run into the same directory 
 
 from __future__ import annotations
 
-import json
 import os
 import secrets
-import socket
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from tessera.errors import TesseraError
+from tessera.runtime.checkpoint import RunLock
 from tessera.storage import atomic_write_json, read_json
 
 SHARDS_FORMAT = "tessera-shards"
@@ -57,72 +55,14 @@ def _atomic_array(path: Path, arr: np.ndarray) -> None:
         raise
 
 
-LOCK_NAME = ".lock"
-
-
-class OutputLock:
-    """An exclusive hold on an output directory: `flock` on DIR/.lock, which records its holder.
-
-    The kernel releases the lock when the holder closes it or its process dies (a crash, SIGKILL, the OOM
-    killer), so a stale `.lock` file never blocks a later run. The file itself stays: removing it could let
-    two runs lock two different files of the same name.
-    """
-
-    def __init__(self, directory: str | os.PathLike, what: str = "tessera data pretokenize", wait: float = 0.0):
-        self.path, self.fd = Path(directory) / LOCK_NAME, None
-        try:
-            import fcntl
-        except ImportError:  # no flock on this platform: nothing to hold
-            return
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
-        deadline = time.monotonic() + wait
-        try:
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if time.monotonic() >= deadline:
-                        raise
-                    time.sleep(0.1)
-        except BlockingIOError:
-            os.close(fd)
-            raise ShardError(f"{directory} is in use by another run ({describe_lock_holder(self.path)}); wait for "
-                             f"it to end or choose another --out") from None
-        except BaseException:
-            os.close(fd)
-            raise
-        self.fd = fd
-        holder = {"pid": os.getpid(), "host": socket.gethostname(), "command": what,
-                  "since": time.strftime("%Y-%m-%d %H:%M:%S")}
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, (json.dumps(holder) + "\n").encode(), 0)
-
-    def release(self) -> None:
-        if self.fd is not None:
-            os.close(self.fd)  # closing the descriptor releases the flock
-            self.fd = None
-
-    def __enter__(self) -> "OutputLock":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.release()
-
-
-def describe_lock_holder(path: Path) -> str:
-    try:
-        h = json.loads(path.read_text())
-        return f"pid {h['pid']} on {h['host']}, {h['command']}, since {h['since']}"
-    except (OSError, ValueError, KeyError, TypeError):
-        return f"the holder of {path}"
+LOCK_NAME = RunLock.NAME
 
 
 def lock_output_dir(directory: str | os.PathLike, what: str = "tessera data pretokenize",
-                    wait: float = 0.0) -> OutputLock:
+                    wait: float = 0.0) -> RunLock:
     """Hold `directory` for this process, or raise `ShardError` naming the run that holds it (after waiting up
     to `wait` seconds for it to end)."""
-    return OutputLock(directory, what, wait)
+    return RunLock(directory, command=what, wait=wait, error=ShardError).acquire()
 
 
 def write_shard(out: Path, name: str, tokens: np.ndarray, index: np.ndarray, mask: np.ndarray,
