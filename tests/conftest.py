@@ -40,6 +40,16 @@ def text_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def text_bundle(tmp_path_factory, text_dir):
+    """A text-only tokenizer bundle over `text_dir`."""
+    from tessera.tokenizers import build_bundle
+
+    d = tmp_path_factory.mktemp("text_bundle")
+    build_bundle(d / "bundle", text_dir)
+    return d / "bundle"
+
+
+@pytest.fixture(scope="session")
 def fixture_tokenizer(text_dir):
     """A multimodal tokenizer over the deterministic fixture codecs."""
     from fixtures import FrameLevelAudioCodec, PatchMeanImageCodec

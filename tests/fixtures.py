@@ -223,3 +223,20 @@ def torchrun_argv(nproc: int = 2) -> list[str]:
 
     return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}"]
 
+
+def interrupt_shard_writes(monkeypatch, at: int = 3):
+    """Make pretokenize's `at`-th shard write raise KeyboardInterrupt, as Ctrl-C would; returns a function
+    that puts the real writer back."""
+    from tessera.train import pretokenize as pt
+
+    real, calls = pt.write_shard, {"n": 0}
+
+    def crash(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == at:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(pt, "write_shard", crash)
+    return lambda: monkeypatch.setattr(pt, "write_shard", real)
+

@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 import soundfile as sf
+from fixtures import interrupt_shard_writes
 from PIL import Image
 
 from tessera.tokenizers import load_bundle
@@ -70,19 +71,10 @@ def test_strict_stops_at_the_first_bad_sample(corpus, codec_bundle, tmp_path):
 
 def test_interrupted_run_resumes_and_matches(corpus, codec_bundle, tmp_path, monkeypatch):
     clean = pt.pretokenize(codec_bundle, [corpus / "docs.jsonl"], tmp_path / "clean", cfg(), progress=False)
-    real = pt.write_shard
-    calls = {"n": 0}
-
-    def crash(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-
-    monkeypatch.setattr(pt, "write_shard", crash)
+    restore = interrupt_shard_writes(monkeypatch, at=3)
     with pytest.raises(KeyboardInterrupt):
         pt.pretokenize(codec_bundle, [corpus / "docs.jsonl"], tmp_path / "s", cfg(), progress=False)
-    monkeypatch.setattr(pt, "write_shard", real)
+    restore()
     partial = json.loads((tmp_path / "s" / "manifest.json").read_text())
     assert not partial["complete"] and len(partial["shards"]) == 2
     resumed = pt.pretokenize(codec_bundle, [corpus / "docs.jsonl"], tmp_path / "s", cfg(), progress=False)

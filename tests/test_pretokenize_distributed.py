@@ -14,6 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import soundfile as sf
+from fixtures import interrupt_shard_writes
 from PIL import Image
 
 from tessera.cli import main as cli
@@ -103,20 +104,12 @@ def test_two_parts_and_their_merge_equal_one_process(codec_bundle, inputs, tmp_p
 
 def test_each_part_resumes_on_its_own_after_a_kill(codec_bundle, inputs, tmp_path, monkeypatch):
     run_parts(codec_bundle, inputs, tmp_path / "clean", 3)
-    real, calls = pt.write_shard, {"n": 0}
-
-    def crash(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-
     out = tmp_path / "s"
     pt.pretokenize(codec_bundle, inputs, out, cfg(), rank=0, world_size=3, progress=False)
-    monkeypatch.setattr(pt, "write_shard", crash)
+    restore = interrupt_shard_writes(monkeypatch, at=3)
     with pytest.raises(KeyboardInterrupt):
         pt.pretokenize(codec_bundle, inputs, out, cfg(), rank=2, world_size=3, progress=False)
-    monkeypatch.setattr(pt, "write_shard", real)
+    restore()
     assert len(json.loads((out / "part-00002" / "manifest.json").read_text())["shards"]) == 2
     with pytest.raises(ShardError, match="parts 1, 2 of 3 are not finished"):
         pt.merge_parts(out)

@@ -7,6 +7,7 @@ import tarfile
 
 import numpy as np
 import pytest
+from fixtures import interrupt_shard_writes
 from PIL import Image
 
 from tessera.tokenizers import load_bundle
@@ -115,18 +116,10 @@ def test_exact_duplicates_are_dropped_in_input_order_for_any_number_of_parts(cod
         assert f.read_bytes() == (tmp_path / "two" / f.name).read_bytes(), f.name
 
     # a resumed run remembers what it kept before the interruption
-    real, calls = pt.write_shard, {"n": 0}
-
-    def crash(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-
-    monkeypatch.setattr(pt, "write_shard", crash)
+    restore = interrupt_shard_writes(monkeypatch, at=3)
     with pytest.raises(KeyboardInterrupt):
         pt.pretokenize(codec_bundle, duplicated, tmp_path / "resumed", cfg(dedup=True), progress=False)
-    monkeypatch.setattr(pt, "write_shard", real)
+    restore()
     resumed = pt.pretokenize(codec_bundle, duplicated, tmp_path / "resumed", cfg(dedup=True), progress=False)
     assert resumed["docs"] == one["docs"] and resumed["filtered"]["counts"] == one["filtered"]["counts"]
     assert [ShardReader(tmp_path / "resumed").doc(i)[0].tolist() for i in range(7)] == kept

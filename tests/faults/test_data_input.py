@@ -27,13 +27,6 @@ def write_docs(path, docs):
     return path
 
 
-@pytest.fixture(scope="module")
-def text_bundle(tmp_path_factory, text_dir):
-    d = tmp_path_factory.mktemp("text_bundle")
-    build_bundle(d / "bundle", text_dir)
-    return d / "bundle"
-
-
 # ------------------------------------------------------------------------------------------ JSONL lines
 def test_lines_the_json_parser_cannot_take_are_counted_skips(tmp_path, text_bundle):
     deep = '{"segments": [{"text": "a"}], "x": ' + "[" * 100_000 + "]" * 100_000 + "}"

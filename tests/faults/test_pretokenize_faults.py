@@ -14,7 +14,6 @@ import pytest
 import soundfile as sf
 
 from tessera.cli import main as cli
-from tessera.tokenizers import build_bundle
 from tessera.train import pretokenize as pt
 from tessera.train import shards
 from tessera.train.shards import ShardError, ShardReader
@@ -29,13 +28,6 @@ def cfg(**kw):
 def write_docs(path, n=8):
     path.write_text("".join(json.dumps({"segments": [{"text": f"digit {i}"}]}) + "\n" for i in range(n)))
     return path
-
-
-@pytest.fixture(scope="module")
-def text_bundle(tmp_path_factory, text_dir):
-    d = tmp_path_factory.mktemp("text_bundle")
-    build_bundle(d / "bundle", text_dir)
-    return d / "bundle"
 
 
 def same_tokens(a, b) -> bool:
