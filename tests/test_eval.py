@@ -78,3 +78,58 @@ def test_table_formatting():
     t = format_table({"caption_acc": {"value": 0.9, "n": 10}, "draw_acc": {"value": 0.5, "n": 4, "judge_acc": 0.99},
                       "ppl": {"value": {"text": 1.5}, "loss": {"text": 0.4}, "n": {"text": 100}}})
     assert "| draw_acc | 0.500 | 4 | 0.990 |" in t and "text 1.5" in t
+
+
+def test_speech_to_image_documents_carry_the_transcript_and_tasks_follow_the_corpus(corpus):
+    docs = [json.loads(line) for line in (corpus / "documents.jsonl").read_text().splitlines()]
+    s2i = [d for d in docs if d["source"] == "speech_to_image"]
+    assert s2i and all([next(iter(s)) for s in d["segments"]] == ["audio", "text", "image"] for d in s2i)
+    assert all(digit_in_text(d["segments"][1]["text"]) == d["label"] for d in s2i)
+    vias = {i.via for i in digits_tasks(corpus) if i.task == "speech_to_image_acc"}
+    assert vias == {"text"}  # auto: as the corpus's documents are built
+    from tessera.eval.tasks import DigitsEvalConfig
+
+    direct = digits_tasks(corpus, DigitsEvalConfig(speech_to_image_via="direct"))
+    assert {i.via for i in direct if i.task == "speech_to_image_acc"} == {None}
+    assert all(i.via is None for i in direct + digits_tasks(corpus) if i.task != "speech_to_image_acc")
+    with pytest.raises(TaskError, match="via must be"):
+        TaskItem.from_dict({"task": "x", "prompt": [], "label": 1, "judge": "image_digit", "output": "image",
+                            "via": "audio"})
+    with pytest.raises(TaskError, match="needs an image or audio output"):
+        TaskItem.from_dict({"task": "x", "prompt": [], "label": 1, "judge": "text_digit", "via": "text"})
+    with pytest.raises(TaskError, match="speech_to_image_via"):
+        DigitsEvalConfig(speech_to_image_via="both")
+
+
+def test_a_via_text_item_draws_after_the_models_own_words(tmp_path):
+    """The harness asks for the text first (greedy, any modality allowed), stops it at the first span, and
+    draws with that text appended to the prompt; the judged output is the drawing."""
+    from PIL import Image
+
+    from tessera.eval.harness import run_tasks
+
+    calls = []
+
+    class Model:
+        def generate(self, prompts, output, **kw):
+            calls.append((output, [list(p) for p in prompts], kw))
+            if output == "any":  # words, then a span the harness must drop, then words after it
+                return [[" someone says", " seven", Image.new("L", (8, 8)), "tail"], [Image.new("L", (8, 8))]]
+            return [[Image.new("L", (8, 8), 255)] for _ in prompts]
+
+    class Judge:
+        corpus = None
+
+        def verdicts(self, name, outs, labels):
+            return [isinstance(o[-1], Image.Image) for o in outs]
+
+        def heldout_accuracy(self, name):
+            return None
+
+    items = [TaskItem("s2i", [{"text": "hello"}], "image", 7, "image_digit", {"seed": 3}, via="text"),
+             TaskItem("s2i", [{"text": "hi"}], "image", 2, "image_digit", {"seed": 4}, via="text")]
+    res = run_tasks(Model(), items, tmp_path, Judge(), progress=False, save_dir=None)
+    assert res["s2i"]["value"] == 1.0
+    (o1, p1, kw1), (o2, p2, kw2) = calls
+    assert o1 == "any" and kw1["temperature"] == 0 and p1 == [["hello"], ["hi"]]
+    assert o2 == "image" and p2 == [["hello", "someone says seven"], ["hi"]] and kw2["seed"] == [3, 4]

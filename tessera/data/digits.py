@@ -20,6 +20,7 @@ text->speech (speaking), speech->image, image->speech, and plain text.
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import random
@@ -77,6 +78,9 @@ class DigitsConfig:
     image_augment: int = 0  # extra variants of each training image: a small random affine warp and stroke width
     speech_augment: int = 0  # extra takes per training (voice, variant, digit), at a random gain, some with noise
     speech_image_pairs: int = 1  # speech->image documents per training clip, each with its own random image
+    # Speech->image documents write what was said between the clip and the image (clip, transcript, image), so
+    # a model can answer in the order of SpeechGPT's chain of modality: hear, write the words, then draw them.
+    speech_image_transcript: bool = True
     seed: int = 0
 
     @classmethod
@@ -180,7 +184,7 @@ def _fmt(template: str, d: int) -> str:
 
 def _documents(images: list[tuple[str, int]], clips: list[tuple[str, int]], rng: random.Random,
                plain_docs: int, speech_image_pairs: int = 1, source_of: dict[str, str] | None = None,
-               augmented: set[str] | None = None) -> list[dict]:
+               augmented: set[str] | None = None, speech_image_transcript: bool = False) -> list[dict]:
     """The training documents. Augmented images and clips are inputs only (captioning, transcribing, the
     speech of speech->image, the image of image->speech): a model learns what it is asked to generate, so an
     output is always a real image or clip. A warped variant's drawing document draws its real source image
@@ -207,7 +211,8 @@ def _documents(images: list[tuple[str, int]], clips: list[tuple[str, int]], rng:
         docs.append({"segments": [{"text": _fmt(rng.choice(SPEAK_PROMPTS), d)}, {"audio": spoken}], "source": "speak",
                      "label": d})
         for _ in range(speech_image_pairs if real_img[d] else 0):
-            docs.append({"segments": [{"audio": p}, {"image": rng.choice(real_img[d])}],
+            said = [{"text": _fmt(rng.choice(TRANSCRIPTS), d)}] if speech_image_transcript else []
+            docs.append({"segments": [{"audio": p}, *said, {"image": rng.choice(real_img[d])}],
                          "source": "speech_to_image", "label": d})
     for p, d in images[::2]:
         if real_clip[d]:
@@ -305,8 +310,9 @@ def build_digits_corpus(out: str | Path, config: DigitsConfig | None = None, for
 
     # ---- documents and text
     train_docs = _documents(split_images["train"], split_clips["train"], rng, cfg.plain_text_docs,
-                            cfg.speech_image_pairs, source_of, augmented)
-    test_docs = _documents(split_images["test"], split_clips["test"], rng, cfg.plain_text_docs // 5)
+                            cfg.speech_image_pairs, source_of, augmented, cfg.speech_image_transcript)
+    test_docs = _documents(split_images["test"], split_clips["test"], rng, cfg.plain_text_docs // 5,
+                           speech_image_transcript=cfg.speech_image_transcript)
     for name, docs in (("documents.jsonl", train_docs), ("test_documents.jsonl", test_docs)):
         atomic_write_text(out / name, "".join(json.dumps(d) + "\n" for d in docs))
     lines = sorted({_fmt(t, d) for t in CAPTIONS + DRAW_PROMPTS + TRANSCRIPTS + SPEAK_PROMPTS + PLAIN_TEXT
@@ -355,6 +361,9 @@ def add_build_arguments(p) -> None:
                         f"(default {DigitsConfig.speech_augment})")
     p.add_argument("--speech-image-pairs", type=int, default=None, metavar="N",
                    help=f"speech->image documents per training clip (default {DigitsConfig.speech_image_pairs})")
+    p.add_argument("--speech-image-transcript", action=argparse.BooleanOptionalAction, default=None,
+                   help="write the transcript between the clip and the image in speech->image documents "
+                        f"(default {'on' if DigitsConfig.speech_image_transcript else 'off'})")
     p.add_argument("--force", action="store_true",
                    help="rebuild even if the corpus exists; replaces --out even if it holds other files")
 
@@ -368,6 +377,8 @@ def run_build(args) -> int:
             if value < (1 if key == "speech_image_pairs" else 0):
                 raise CorpusError(f"--{key.replace('_', '-')} must be >= {1 if key == 'speech_image_pairs' else 0}")
             setattr(cfg, key, value)
+    if args.speech_image_transcript is not None:
+        cfg.speech_image_transcript = args.speech_image_transcript
     meta = build_digits_corpus(args.out, cfg, force=args.force)
     c = meta["counts"]
     print(f"digits corpus -> {args.out}: images {c['images']}, speech clips {c['speech']} "

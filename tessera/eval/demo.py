@@ -52,6 +52,7 @@ class DemoConfig(ModalitySampling):  # sampling for the eval and the report's sa
     image_augment: int = 8
     speech_augment: int = 1
     speech_image_pairs: int = 2
+    speech_image_transcript: bool = True  # clip, transcript, image: the model writes what it heard, then draws it
     image_minutes: float = 1.5
     # `--set` of the image codec (tiny preset): 64 codes, not the preset's 1,000 (see docs/generalization.md)
     image_overrides: list[str] = field(default_factory=lambda: ["fsq_levels=[4,4,4]"])
@@ -108,7 +109,8 @@ def plan(out: Path, cfg: DemoConfig) -> list[Stage]:
     c, t = out / "corpus", out / "tokenizers"
     steps = ["--max-steps", str(cfg.pretrain_steps)] if cfg.pretrain_steps else []
     train = [*py, "data", "digits", "--out", str(c), "--seed", str(cfg.seed), "--image-augment", str(cfg.image_augment),
-             "--speech-augment", str(cfg.speech_augment), "--speech-image-pairs", str(cfg.speech_image_pairs)] + (
+             "--speech-augment", str(cfg.speech_augment), "--speech-image-pairs", str(cfg.speech_image_pairs),
+             "--speech-image-transcript" if cfg.speech_image_transcript else "--no-speech-image-transcript"] + (
         ["--fast"] if cfg.fast else [])
     sets = lambda overrides: [a for o in [f"seed={cfg.seed}", *overrides] for a in ("--set", o)]
     return [

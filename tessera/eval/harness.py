@@ -125,23 +125,40 @@ def _prompt(item: TaskItem, base: Path) -> list:
     return segs
 
 
+def lead_text(m, prompts: list, max_new_tokens: int = 24) -> list[str]:
+    """What the model writes first after each prompt, greedily: the text before it opens a span or ends."""
+    outs = m.generate(prompts, output="any", temperature=0, max_new_tokens=max_new_tokens)
+    lead = []
+    for o in outs:
+        words = []
+        for seg in o:
+            if not isinstance(seg, str):
+                break
+            words.append(seg)
+        lead.append("".join(words).strip())
+    return lead
+
+
 def run_tasks(m, items: list[TaskItem], base: Path, judges: Judges, batch_size: int = 32, save_dir: Path | None = None,
               progress: bool = True) -> dict:
     """Generate for every item (in batches of items that share settings) and judge; returns per-task results."""
     groups: dict = defaultdict(list)
     for i, item in enumerate(items):
         kw = {k: v for k, v in item.generate.items() if k != "seed"}
-        groups[(item.task, item.output, item.judge, json.dumps(kw, sort_keys=True))].append(i)
+        groups[(item.task, item.output, item.judge, json.dumps(kw, sort_keys=True), item.via)].append(i)
     verdicts: dict[str, list[bool]] = defaultdict(list)
     outputs: dict[int, list] = {}
     bar = progress_bar(total=len(items), desc="eval", unit="item", disable=not progress)
-    for (task, output, judge, kw_json), idx in groups.items():
+    for (task, output, judge, kw_json, via), idx in groups.items():
         kw = json.loads(kw_json)
         for s in range(0, len(idx), batch_size):
             chunk = idx[s : s + batch_size]
             prompts = [_prompt(items[i], base) for i in chunk]
             seeds = [items[i].generate.get("seed", 0) for i in chunk]
+            lead = lead_text(m, prompts) if via == "text" else [""] * len(chunk)
+            prompts = [p + [t] if t else p for p, t in zip(prompts, lead)]
             outs = m.generate(prompts, output=output, seed=seeds, **kw)
+            outs = [[t, *o] if t else o for t, o in zip(lead, outs)]
             verdicts[task] += judges.verdicts(judge, outs, [items[i].label for i in chunk])
             for i, o in zip(chunk, outs):
                 outputs[i] = o
@@ -260,6 +277,9 @@ def add_eval_arguments(p) -> None:
             p.add_argument(f"--{name.replace('_', '-')}", type=tp, default=getattr(DigitsEvalConfig, name),
                            help=f"{key} when the digits tasks generate {kind}s")
     p.add_argument("--max-items", type=int, default=0, help="cap the per-clip/per-image tasks (0: all)")
+    p.add_argument("--speech-to-image-via", choices=["auto", "text", "direct"], default="auto",
+                   help="speech->image: write the transcript first (text), draw at once (direct), or as the corpus's "
+                        "documents do (auto)")
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None, choices=["fp32", "bf16", "int8"],
                    help="the weights' precision (default: fp32 on CPU, bf16 on CUDA); int8: weight-only int8")
@@ -267,6 +287,7 @@ def add_eval_arguments(p) -> None:
 
 def run_eval(args) -> int:
     cfg = DigitsEvalConfig(draw_seeds=args.draw_seeds, max_items=args.max_items,
+                           speech_to_image_via=args.speech_to_image_via,
                            **{f"{kind}_{key}": getattr(args, f"{kind}_{key}") for kind in ("image", "audio")
                               for key in ("temperature", "top_k", "cfg_scale")})
     out = Path(args.out) if args.out else None

@@ -39,14 +39,21 @@ class TaskItem:
     label: Any
     judge: str
     generate: dict = field(default_factory=dict)
+    # "text": the model first continues the prompt in text (greedy, up to where it would open a span or end),
+    # and that text joins the prompt before the output is generated: an answer in two modalities, in order
+    via: str | None = None
 
     @classmethod
     def from_dict(cls, d: dict) -> "TaskItem":
         try:
             item = cls(task=d["task"], prompt=d["prompt"], output=d.get("output", "text"), label=d["label"],
-                       judge=d["judge"], generate=d.get("generate", {}))
+                       judge=d["judge"], generate=d.get("generate", {}), via=d.get("via"))
         except KeyError as e:
             raise TaskError(f"a task item needs the key {e.args[0]!r}: {str(d)[:120]}") from None
+        if item.via not in (None, "text"):
+            raise TaskError(f"task {item.task}: via must be \"text\" or absent, not {item.via!r}")
+        if item.via and item.output not in ("image", "audio"):
+            raise TaskError(f"task {item.task}: via=\"text\" needs an image or audio output, not {item.output!r}")
         if item.output not in ("text", "image", "audio", "any"):
             raise TaskError(f"task {item.task}: unknown output {item.output!r}")
         for seg in item.prompt:
@@ -97,6 +104,13 @@ class ModalitySampling:
 class DigitsEvalConfig(ModalitySampling):
     draw_seeds: int = 10  # generations per digit for draw_acc and speak_acc
     max_items: int = 0  # cap on caption/transcribe/speech_to_image items (0: the whole test split)
+    # speech->image: "text" writes the transcript before drawing, "direct" draws at once, "auto" follows the
+    # corpus (its speech->image documents carry the transcript or not)
+    speech_to_image_via: str = "auto"
+
+    def __post_init__(self):
+        if self.speech_to_image_via not in ("auto", "text", "direct"):
+            raise TaskError(f"speech_to_image_via must be auto, text or direct, not {self.speech_to_image_via!r}")
 
 
 def digits_tasks(corpus: str | Path, cfg: DigitsEvalConfig | None = None) -> list[TaskItem]:
@@ -108,6 +122,9 @@ def digits_tasks(corpus: str | Path, cfg: DigitsEvalConfig | None = None) -> lis
         step_i = max(1, len(images) // cfg.max_items)
         step_c = max(1, len(clips) // cfg.max_items)
         images, clips = images[::step_i][: cfg.max_items], clips[::step_c][: cfg.max_items]
+    via = cfg.speech_to_image_via
+    if via == "auto":
+        via = "text" if meta.get("config", {}).get("speech_image_transcript") else "direct"
     greedy = {"temperature": 0, "max_new_tokens": 12}
     draw, say = cfg.sampling("image"), cfg.sampling("audio")
     items = []
@@ -125,7 +142,7 @@ def digits_tasks(corpus: str | Path, cfg: DigitsEvalConfig | None = None) -> lis
                                   {**say, "seed": 1000 * d + s, "max_audio_seconds": 1.5}))
     for e in clips:
         items.append(TaskItem("speech_to_image_acc", [{"audio": e["path"]}], "image", e["label"], "image_digit",
-                              {**draw, "seed": 7}))
+                              {**draw, "seed": 7}, via="text" if via == "text" else None))
     return items
 
 
