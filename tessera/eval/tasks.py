@@ -5,6 +5,12 @@ A task file is JSONL, one item per line (media paths relative to the file):
     {"task": "caption_acc", "prompt": [{"image": "images/test/0005.png"}], "output": "text", "label": 5,
      "judge": "text_digit", "generate": {"temperature": 0, "max_new_tokens": 12}}
 
+An item with `"via": "text"` (image or audio outputs only) is answered in two modalities, in order: the model
+first continues the prompt in text (greedy, up to where it opens a span or ends, at most 24 tokens), and the
+media output is generated after that text. The digits set uses it for speech->image when the corpus's
+speech->image documents carry the transcript between the clip and the image (the default; SpeechGPT's
+"chain of modality": hear, write the words, then draw them).
+
 Judges (`tessera.eval.judges`):
 - `text_digit`: the first digit named in the generated text (a word or a numeral) must equal the label;
 - `text_match`: the label (a string) must occur in the generated text, ignoring case;
