@@ -25,7 +25,9 @@ def test_the_quick_benchmark_writes_its_result(tmp_path):
         assert row[f"raw_{unit}"] > 0
         for side in ("webdataset", "parquet"):
             assert row[f"{side}_{unit}"] > 0 and row[f"{side}_ratio"] > 0
+            assert row[f"{side}_cpu_ratio"] > 0 and row[f"{side}_cpu_ratio_without_bundle_load"] > 0
             assert row[f"{side}_goal_met"] == (row[f"{side}_ratio"] >= r["settings"]["goal_ratio"])
+            assert row[f"{side}_goal_met_cpu"] == (row[f"{side}_cpu_ratio"] >= r["settings"]["goal_ratio"])
     assert r["processes"]["speedup"] > 0 and r["processes"]["merge_seconds"] >= 0
     runs = r["memory"]["runs"]
     assert sorted(map(int, runs)) == [64, 640]  # the corpus and ten times it
