@@ -50,3 +50,21 @@ def test_fast_demo_runs_end_to_end_and_reuses_finished_stages(tmp_path):
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert again.stdout.count(": reused (") == len(STAGES) - 1
+
+
+@pytest.mark.slow
+def test_two_stage_recipe_instruction_tunes_the_demo_model(tmp_path):
+    """Stage one (the demo's mixture), then stage two on the corpus's conversations from stage one's weights,
+    evaluated with every task asked as a conversation (docs/stages.md)."""
+    out = tmp_path / "demo"
+    cmd = [sys.executable, "-m", "tessera", "demo", "--fast", "--out", str(out), "--set", "instruct_steps=60"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["instruct_tasks"]) == TASK_KEYS and "Stage two" in (out / "report.md").read_text()
+    cfg = json.loads((out / "instruct" / "config.json").read_text())
+    assert cfg["init_from"]["path"].endswith("run")
+    from tessera.runtime.monitor import read_metrics
+
+    evals = [m["eval/loss"] for m in read_metrics(out / "instruct") if "eval/loss" in m]
+    assert len(evals) >= 2 and min(evals[1:]) < evals[0]  # the held-out conversations' loss falls

@@ -133,3 +133,40 @@ def test_a_via_text_item_draws_after_the_models_own_words(tmp_path):
     (o1, p1, kw1), (o2, p2, kw2) = calls
     assert o1 == "any" and kw1["temperature"] == 0 and p1 == [["hello"], ["hi"]]
     assert o2 == "image" and p2 == [["hello", "someone says seven"], ["hi"]] and kw2["seed"] == [3, 4]
+
+
+def test_chat_mode_asks_each_task_as_a_users_turn(tmp_path, fixture_tokenizer):
+    from tessera.eval.harness import run_tasks
+    from tessera.model.api import random_model
+
+    m = random_model(fixture_tokenizer, "tiny", seed=0)
+    prompts = []
+    orig = m.generate
+    m.generate = lambda p, **kw: prompts.append(p) or orig(p, **kw)
+
+    class Judge:
+        corpus = None
+
+        def verdicts(self, name, outs, labels):
+            return [bool(o) for o in outs]
+
+        def heldout_accuracy(self, name):
+            return None
+
+    items = [TaskItem("t", [{"text": "say hi"}], "text", 1, "text_digit", {"temperature": 0, "max_new_tokens": 3})]
+    run_tasks(m, items, tmp_path, Judge(), progress=False, chat=True)
+    assert prompts == [[["user:", "say hi", "assistant:"]]]
+
+
+def test_corpus_writes_its_pairings_as_conversations(corpus):
+    docs = [json.loads(line) for line in (corpus / "documents.jsonl").read_text().splitlines()]
+    convs = [json.loads(line) for line in (corpus / "conversations.jsonl").read_text().splitlines()]
+    assert len(convs) == sum(d["source"] != "text" for d in docs) > 0
+    assert (corpus / "test_conversations.jsonl").stat().st_size > 0
+    for c in convs:
+        user, assistant = c["messages"]
+        assert user["role"] == "user" and assistant["role"] == "assistant"
+        if c["source"] == "caption":
+            assert "image" in user["content"][0] and digit_in_text(assistant["content"][0]["text"]) == c["label"]
+        if c["source"] == "draw":
+            assert list(assistant["content"][0]) == ["image"]

@@ -11,6 +11,8 @@
       images/{train,test}/NNNN.png      speech/{train,test}/VOICE_VARIANT_DIGIT_K.wav
       documents.jsonl                   training documents (DESIGN.md format), all directions mixed
       test_documents.jsonl              the same directions over held-out images and voices
+      conversations.jsonl               the training documents as user/assistant turns (instruction tuning)
+      test_conversations.jsonl          the same over held-out images and voices
       text.txt                          text for the text tokenizer
       meta.json                         labels, splits, voices, counts, the config
 
@@ -51,6 +53,9 @@ TRANSCRIPTS = ("{w}", "{d}", "the word {w}", "someone says {w}")
 SPEAK_PROMPTS = ("say {w}", "say the number {d}", "speak: {w}")
 PLAIN_TEXT = ("{w} is written {d}", "the number after {p} is {w}", "{w} comes before {n}", "{d} is {w}",
               "count: {w}", "{w} plus zero is {w}")
+# What a user asks in a conversation (conversations.jsonl), per source; "" asks nothing beyond the input.
+QUESTIONS = {"caption": ("what digit is this?", "what is this?", ""), "transcribe": ("what did they say?", ""),
+             "speech_to_image": ("draw what you hear", ""), "image_to_speech": ("say what you see", "")}
 
 
 class CorpusError(TesseraError):
@@ -225,6 +230,17 @@ def _documents(images: list[tuple[str, int]], clips: list[tuple[str, int]], rng:
     return docs
 
 
+def to_conversation(doc: dict, rng: random.Random) -> dict | None:
+    """A two-sided document as one user turn (its first segment, and a question for some sources) and one
+    assistant turn (the rest): the instruction-tuning form of the same pairing. Plain text has none."""
+    if doc["source"] == "text":
+        return None
+    ask = rng.choice(QUESTIONS.get(doc["source"], ("",)))
+    user = doc["segments"][:1] + ([{"text": ask}] if ask else [])
+    return {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": doc["segments"][1:]}],
+            "source": doc["source"], "label": doc["label"]}
+
+
 def _entry(path: str, label: int, augmented: set[str]) -> dict:
     return {"path": path, "label": label, **({"augmented": True} if path in augmented else {})}
 
@@ -313,7 +329,9 @@ def build_digits_corpus(out: str | Path, config: DigitsConfig | None = None, for
                             cfg.speech_image_pairs, source_of, augmented, cfg.speech_image_transcript)
     test_docs = _documents(split_images["test"], split_clips["test"], rng, cfg.plain_text_docs // 5,
                            speech_image_transcript=cfg.speech_image_transcript)
-    for name, docs in (("documents.jsonl", train_docs), ("test_documents.jsonl", test_docs)):
+    conversations = {name: [c for c in (to_conversation(d, rng) for d in docs) if c]
+                     for name, docs in (("conversations.jsonl", train_docs), ("test_conversations.jsonl", test_docs))}
+    for name, docs in (("documents.jsonl", train_docs), ("test_documents.jsonl", test_docs), *conversations.items()):
         atomic_write_text(out / name, "".join(json.dumps(d) + "\n" for d in docs))
     lines = sorted({_fmt(t, d) for t in CAPTIONS + DRAW_PROMPTS + TRANSCRIPTS + SPEAK_PROMPTS + PLAIN_TEXT
                     for d in range(10)})
@@ -330,6 +348,7 @@ def build_digits_corpus(out: str | Path, config: DigitsConfig | None = None, for
             "images": {k: len(v) for k, v in split_images.items()},
             "speech": {k: len(v) for k, v in split_clips.items()},
             "documents": len(train_docs),
+            "conversations": len(conversations["conversations.jsonl"]),
             "test_documents": len(test_docs),
             "sources": sources,
             "speech_seconds": round(float(sum(durations)), 1),

@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Iterator
 
 from tessera.errors import TesseraError
+from tessera.tokenizers.chat import ChatError, ChatTemplate, split_message
 from tessera.unimodal.media import AUDIO_EXTENSIONS, IMAGE_EXTENSIONS
 
 FORMATS = ("jsonl", "webdataset", "parquet", "hf", "imagefolder", "librispeech", "commonvoice")
@@ -96,6 +97,7 @@ class ReaderOptions:
     allow_outside_paths: bool = False
     max_line_bytes: int = 16 * 2**20  # a longer JSONL line (or TSV row, caption file) is skipped
     max_member_bytes: int = 2**30  # a larger tar member or sidecar file is skipped
+    chat: dict | None = None  # the bundle's chat template, for `messages` documents (None: the default)
 
 
 def show(value: str, n: int = 120) -> str:
@@ -271,13 +273,39 @@ class JsonlReader(Reader):
             doc = json.loads(line)
         except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, an integer of thousands of digits
             raise Skip("bad_json", f"not valid JSON: {str(e).split(';')[0]}") from None
+        if isinstance(doc, dict) and "messages" in doc:
+            return self._conversation(doc, base, root)
         if not isinstance(doc, dict) or not isinstance(doc.get("segments"), list):
-            raise Skip("no_segments", "a document needs a 'segments' list")
-        source = doc.get("source")
-        if source is not None and not isinstance(source, str):
-            raise Skip("bad_segment", "'source' must be a string")
+            raise Skip("no_segments", "a document needs a 'segments' list (or a 'messages' list)")
+        segments = self._segments(doc["segments"], base, root)
+        if not segments:
+            raise Skip("empty", "the document has no content")
+        return Document(segments, _source(doc))
+
+    def _conversation(self, doc: dict, base: Path, root: Path) -> Document:
+        """A `messages` document, rendered by the bundle's chat template (tessera.tokenizers.chat)."""
+        messages = doc["messages"]
+        if not isinstance(messages, list) or not messages:
+            raise Skip("bad_message", "'messages' must be a non-empty list")
+        turns = []
+        try:
+            for n, msg in enumerate(messages):
+                role, content = split_message(msg, n)
+                if isinstance(content, str):
+                    content = [{"text": content}]
+                if not isinstance(content, list):
+                    raise ChatError(f"message {n}: content must be a string or a list of segments")
+                turns.append((role, self._segments(content, base, root)))
+            segments = ChatTemplate.from_dict(self.opts.chat).render(turns)
+        except ChatError as e:
+            raise Skip("bad_message", str(e)) from None
+        if not any(loss for _, _, loss in segments):
+            raise Skip("bad_message", "the conversation has no assistant content to learn from")
+        return Document(segments, _source(doc))
+
+    def _segments(self, segs: list, base: Path, root: Path) -> list:
         segments = []
-        for seg in doc["segments"]:
+        for seg in segs:
             kinds = [k for k in ("text", "image", "audio") if isinstance(seg, dict) and k in seg]
             if len(kinds) != 1:
                 raise Skip("bad_segment", f"a segment needs exactly one of text/image/audio: {show(repr(seg), 80)}")
@@ -295,9 +323,14 @@ class JsonlReader(Reader):
             if not isinstance(value, str):
                 raise Skip("bad_segment", f"an {kind} segment must be a path")
             segments.append((kind, local_media(base, root, value, self.opts.allow_outside_paths), loss))
-        if not segments:
-            raise Skip("empty", "the document has no content")
-        return Document(segments, source)
+        return segments
+
+
+def _source(doc: dict) -> str | None:
+    source = doc.get("source")
+    if source is not None and not isinstance(source, str):
+        raise Skip("bad_segment", "'source' must be a string")
+    return source
 
 
 _KEY = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # webdataset's rule: the key ends at the name's first dot

@@ -70,6 +70,12 @@ class DemoConfig(ModalitySampling):  # sampling for the eval and the report's sa
     pretrain_steps: int = 1400
     eval_max_items: int = 0
     draw_seeds: int = 10
+    # A second training stage (0: none): instruction tuning on the corpus's conversations, starting from the
+    # first stage's weights (`--init-from`), evaluated with every task asked as a user's turn (`eval --chat`)
+    instruct_steps: int = 0
+    instruct_overrides: list[str] = field(default_factory=lambda: [
+        "seq_len=256", "batch_size=8", "lr=1e-3", "warmup_steps=10", "cond_dropout=0.1", "keep_best=true",
+        "eval_every=100", "eval_batches=20", "ckpt_every=100", "log_every=10"])
 
     @classmethod
     def fast_config(cls) -> "DemoConfig":
@@ -141,11 +147,9 @@ def plan(out: Path, cfg: DemoConfig) -> list[Stage]:
               + sets(cfg.pretrain_overrides),
               [out / "run"], ["shards", "test_shards"], resumable=True),
         Stage("eval", [*py, "eval", "--model", str(out / "run"), "--tasks", "digits", "--data", str(c), "--json",
-                       "--out", str(out / "eval"), "--draw-seeds", str(cfg.draw_seeds),
-                       "--max-items", str(cfg.eval_max_items)]
-              + [a for kind in ("image", "audio") for k, v in cfg.sampling(kind).items()
-                 for a in (f"--{kind}-{k.replace('_', '-')}", str(v))],
+                       "--out", str(out / "eval"), *eval_args(cfg)],
               [out / "eval"], ["pretrain"], capture=out / "eval.json"),
+        *instruct_stages(out, cfg, py, sets),
         Stage("image_eval", [*py, "tokenizer", "eval", "image", "--codec", str(t / "image"), "--data",
                              str(c / "images" / "test"), "--prior-data", str(c / "images" / "train"),
                              "--digits-corpus", str(c), "--json"], [], ["image"],
@@ -154,6 +158,37 @@ def plan(out: Path, cfg: DemoConfig) -> list[Stage]:
                              str(c / "speech" / "test"), "--n-q", str(cfg.audio_levels), "--digits-corpus", str(c),
                              "--prior-data", str(c / "speech" / "train"), "--json"], [], ["audio"],
               capture=out / "audio_codec_eval.json"),
+    ]
+
+
+def eval_args(cfg: DemoConfig) -> list[str]:
+    """`tessera eval`'s task settings, the same for both stages."""
+    return ["--draw-seeds", str(cfg.draw_seeds), "--max-items", str(cfg.eval_max_items)] + [
+        a for kind in ("image", "audio") for k, v in cfg.sampling(kind).items()
+        for a in (f"--{kind}-{k.replace('_', '-')}", str(v))]
+
+
+def instruct_stages(out: Path, cfg: DemoConfig, py: list[str], sets) -> list[Stage]:
+    """Stage two, instruction tuning (with `instruct_steps`): the conversations pretokenized with the same
+    bundle, a run that starts from stage one's weights with a new optimizer and schedule, and the tasks
+    asked as conversations."""
+    if not cfg.instruct_steps:
+        return []
+    c, t = out / "corpus", out / "tokenizers"
+    shards = lambda name, split: Stage(
+        name, [*py, "data", "pretokenize", "--tokenizer", str(t / "bundle"), "--input", str(c / f"{split}.jsonl"),
+               "--out", str(out / "shards" / split), "--workers", "1"], [out / "shards" / split], ["bundle"])
+    return [
+        shards("chat_shards", "conversations"),
+        shards("test_chat_shards", "test_conversations"),
+        Stage("instruct", ["tessera.train.pretrain", "--tokenizer", str(t / "bundle"), "--init-from", str(out / "run"),
+                           "--data", str(out / "shards" / "conversations"), "--eval-data",
+                           str(out / "shards" / "test_conversations"), "--out", str(out / "instruct"),
+                           "--max-steps", str(cfg.instruct_steps)] + sets(cfg.instruct_overrides),
+              [out / "instruct"], ["pretrain", "chat_shards", "test_chat_shards"], resumable=True),
+        Stage("instruct_eval", [*py, "eval", "--model", str(out / "instruct"), "--tasks", "digits", "--data", str(c),
+                                "--json", "--chat", "--out", str(out / "instruct_eval"), *eval_args(cfg)],
+              [out / "instruct_eval"], ["instruct"], capture=out / "instruct_eval.json"),
     ]
 
 
@@ -239,9 +274,10 @@ def write_demo_report(out: Path, cfg: DemoConfig, times: dict, total_s: float) -
     img = read_json(out / "image_codec_eval.json") if (out / "image_codec_eval.json").exists() else None
     aud = read_json(out / "audio_codec_eval.json") if (out / "audio_codec_eval.json").exists() else None
     wavs = sorted(p.name for p in (out / "speech").glob("*.wav"))
+    instruct = read_json(out / "instruct_eval.json") if cfg.instruct_steps else None
     return write_report(out, tasks=tasks, image_eval=img, audio_eval=aud, stages=times, total_seconds=total_s,
                         targets=TARGETS, run_dir=out / "run", config=asdict(cfg), grid="generated_digits.png",
-                        wavs=wavs, curves="training_curves.png")
+                        wavs=wavs, curves="training_curves.png", instruct=instruct)
 
 
 def print_summary(report: dict, out: Path) -> None:
@@ -254,6 +290,9 @@ def print_summary(report: dict, out: Path) -> None:
             t = report["targets"].get(task)
             flag = "" if t is None else ("  (target >= %.2f: %s)" % (t, "met" if r["value"] >= t else "MISSED"))
             print(f"  {task:<22} {r['value']:.3f}  n={r['n']}{flag}")
+    for task, r in report.get("instruct_tasks", {}).items():
+        if not isinstance(r["value"], dict):
+            print(f"  {task:<22} {r['value']:.3f}  after instruction tuning (tasks asked as conversations)")
     print(f"report: {out / 'report.md'}")
 
 

@@ -140,8 +140,9 @@ def lead_text(m, prompts: list, max_new_tokens: int = 24) -> list[str]:
 
 
 def run_tasks(m, items: list[TaskItem], base: Path, judges: Judges, batch_size: int = 32, save_dir: Path | None = None,
-              progress: bool = True) -> dict:
-    """Generate for every item (in batches of items that share settings) and judge; returns per-task results."""
+              progress: bool = True, chat: bool = False) -> dict:
+    """Generate for every item (in batches of items that share settings) and judge; returns per-task results.
+    With `chat`, each prompt is a user's turn and the model answers as the assistant (`Tessera.chat_prompt`)."""
     groups: dict = defaultdict(list)
     for i, item in enumerate(items):
         kw = {k: v for k, v in item.generate.items() if k != "seed"}
@@ -154,6 +155,8 @@ def run_tasks(m, items: list[TaskItem], base: Path, judges: Judges, batch_size: 
         for s in range(0, len(idx), batch_size):
             chunk = idx[s : s + batch_size]
             prompts = [_prompt(items[i], base) for i in chunk]
+            if chat:
+                prompts = [m.chat_prompt([{"role": "user", "content": p}]) for p in prompts]
             seeds = [items[i].generate.get("seed", 0) for i in chunk]
             lead = lead_text(m, prompts) if via == "text" else [""] * len(chunk)
             prompts = [p + [t] if t else p for p, t in zip(prompts, lead)]
@@ -228,7 +231,8 @@ def heldout_perplexity(m, run_dir: Path, corpus: Path, max_batches: int = 100) -
 
 
 def evaluate_run(run_dir: str | Path, tasks: str = "digits", data: str | Path | None = None, out: Path | None = None,
-                 eval_cfg: DigitsEvalConfig | None = None, device=None, progress: bool = True, dtype=None) -> dict:
+                 eval_cfg: DigitsEvalConfig | None = None, device=None, progress: bool = True, dtype=None,
+                 chat: bool = False) -> dict:
     from tessera.model.api import load
 
     run_dir = Path(run_dir)
@@ -240,7 +244,7 @@ def evaluate_run(run_dir: str | Path, tasks: str = "digits", data: str | Path | 
         items, base = load_tasks(tasks)
         corpus = Path(data) if data else None
     judges = Judges(corpus)
-    results = run_tasks(m, items, base, judges, save_dir=out, progress=progress)
+    results = run_tasks(m, items, base, judges, save_dir=out, progress=progress, chat=chat)
     if tasks == "digits":
         results["ppl"] = heldout_perplexity(m, run_dir, corpus)
     if out is not None:
@@ -280,6 +284,8 @@ def add_eval_arguments(p) -> None:
     p.add_argument("--speech-to-image-via", choices=["auto", "text", "direct"], default="auto",
                    help="speech->image: write the transcript first (text), draw at once (direct), or as the corpus's "
                         "documents do (auto)")
+    p.add_argument("--chat", action="store_true",
+                   help="ask each task as a user's turn of a conversation (an instruction-tuned model)")
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None, choices=["fp32", "bf16", "int8"],
                    help="the weights' precision (default: fp32 on CPU, bf16 on CUDA); int8: weight-only int8")
@@ -292,6 +298,6 @@ def run_eval(args) -> int:
                               for key in ("temperature", "top_k", "cfg_scale")})
     out = Path(args.out) if args.out else None
     results = evaluate_run(args.model, args.tasks, args.data, out, cfg, device=args.device, progress=not args.json,
-                           dtype=args.dtype)
+                           dtype=args.dtype, chat=args.chat)
     print(json.dumps(results, indent=2) if args.json else format_table(results))
     return 0

@@ -126,13 +126,14 @@ def _codec_table(title: str, ours: dict | None, classic_key: str, cols: list[tup
 
 def write_report(out: Path, *, tasks: dict, image_eval: dict | None, audio_eval: dict | None, stages: dict,
                  total_seconds: float, targets: dict, run_dir: Path, config: dict, grid: str | None,
-                 wavs: list[str], curves: str | None) -> dict:
+                 wavs: list[str], curves: str | None, instruct: dict | None = None) -> dict:
     machine = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                "cpus": __import__("os").cpu_count(), "torch": torch.__version__,
                "device": "cuda: " + torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
     report = {"tasks": tasks, "targets": targets, "image_codec": image_eval, "audio_codec": audio_eval,
               "stages": stages, "total_seconds": round(total_seconds, 1), "machine": machine, "config": config,
-              "run": str(run_dir), "figures": {"grid": grid, "curves": curves}, "speech": wavs}
+              "run": str(run_dir), "figures": {"grid": grid, "curves": curves}, "speech": wavs,
+              **({"instruct_tasks": instruct} if instruct else {})}
     atomic_write_json(out / "report.json", report)
     md = ["# tessera demo report", "",
           f"Whole demo: **{total_seconds / 60:.1f} minutes** on {machine['cpus']} CPU(s), {machine['device']} "
@@ -148,6 +149,16 @@ def write_report(out: Path, *, tasks: dict, image_eval: dict | None, audio_eval:
         met = "" if t is None else ("yes" if r["value"] >= t else "**no**")
         judge = f"{r['judge_acc']:.3f}" if r.get("judge_acc") is not None else ""
         md.append(f"| {task} | {r['value']:.3f} | {'' if t is None else f'>= {t}'} | {met} | {r['n']} | {judge} |")
+    if instruct:
+        md += ["", "## Stage two: instruction tuning", "",
+               "The first stage's weights tuned on the corpus's conversations (`--init-from`), every task asked as "
+               "a user's turn (`tessera eval --chat`).", "",
+               "| task | one stage | two stages | target |", "|---|---|---|---|"]
+        for task, r in instruct.items():
+            if not isinstance(r["value"], dict) and task in tasks:
+                t = targets.get(task)
+                md.append(f"| {task} | {tasks[task]['value']:.3f} | {r['value']:.3f} | "
+                          f"{'' if t is None else f'>= {t}'} |")
     md += ["", "## Tokenizers", ""]
     md += _codec_table("Image codec vs JPEG (held-out digit images)", image_eval, "jpeg",
                        [("PSNR dB", "psnr"), ("SSIM", "ssim"), ("bits/pixel", "bpp"), ("codebook usage", "codebook_usage")])

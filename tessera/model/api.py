@@ -5,6 +5,7 @@
     m.generate("a drawing of the digit seven", output="image", cfg_scale=3.0, seed=0)  # -> [PIL.Image]
     m.generate("say seven", output="audio")                                          # -> [tessera.Audio]
     m.generate([["draw 1"], ["draw 2"]], output="image")     # a list of prompts (lists): one batch
+    m.chat([{"role": "user", "content": "draw a three"}], output="image", cfg_scale=3.0)  # a conversation
     for piece in m.stream("describe", output="any"): ...   # text pieces as decoded, media as spans close
     m.score("what digit is this?", " seven")                  # summed log-probability of the continuation
 
@@ -31,6 +32,7 @@ from tessera.model.speculative import PromptLookup, speculative_decode
 from tessera.model.transformer import ModelConfig, Transformer
 from tessera.storage import load_tensors, read_json
 from tessera.tokenizers.bundle import load_bundle
+from tessera.tokenizers.chat import split_message
 from tessera.tokenizers.multimodal import MultimodalTokenizer
 from tessera.unimodal.media import Audio
 
@@ -328,6 +330,32 @@ class Tessera:
                                 max_audio_seconds=max_audio_seconds, draft=draft, draft_tokens=draft_tokens)
         outs = [self.tokenizer.decode(row, strict=True) for row in ids]
         return outs if batched else outs[0]
+
+    def chat_prompt(self, messages) -> list:
+        """A conversation rendered by the bundle's chat template, ending with the assistant's prefix: the
+        prompt `chat` answers. messages: [{"role": "system" | "user" | "assistant", "content": ...}], where
+        content is a str, a PIL image, a `tessera.Audio`, or a list of them."""
+        if not isinstance(messages, (list, tuple)) or not messages:
+            raise ValueError("messages must be a non-empty list of {'role': ..., 'content': ...}")
+        turns = []
+        for n, msg in enumerate(messages):
+            role, content = split_message(msg, n)
+            parts = list(content) if isinstance(content, (list, tuple)) else [content]
+            for part in parts:
+                if not _is_segment(part):
+                    raise TypeError(f"message {n}: content must be str, PIL.Image.Image or tessera.Audio (or a list "
+                                    f"of them), not {type(part).__name__}")
+            turns.append((role, [(None, part, True) for part in parts]))
+        return [value for _, value, _ in self.tokenizer.chat.render(turns, for_reply=True)]
+
+    def chat(self, messages, *, output: str = "text", **kwargs) -> list:
+        """The assistant's reply to a conversation (see `chat_prompt`), as a list of segments, generated as
+        `generate` does: the same `output` modes, constrained spans, CFG and sampling arguments (`kwargs`). A
+        text reply is cut where the model starts another turn."""
+        reply = self.generate(self.chat_prompt(messages), output=output, **kwargs)
+        if output == "text":
+            return [self.tokenizer.chat.cut_reply("".join(reply))]
+        return reply
 
     def stream(self, prompt, *, output: str = "text", max_new_tokens: int | None = None, temperature: float = 1.0,
                top_k: int = 0, top_p: float = 1.0, cfg_scale: float = 1.0, seed: int | None = None,

@@ -6,6 +6,8 @@
       image/            codec.json + model.safetensors (if the bundle has an image codec)
       audio/            codec.json + model.safetensors (if the bundle has an audio codec)
 
+`tokenizer.json["chat"]` is the chat template that renders conversations (tessera.tokenizers.chat).
+
 `tokenizer.json["hash"]` identifies the bundle: shard manifests and runs record it, and loading data or a
 model with a different bundle is refused. A text-only bundle is valid.
 """
@@ -19,6 +21,7 @@ from pathlib import Path
 
 from tessera.errors import TesseraError
 from tessera.storage import atomic_write_json, make_temp_dir, read_json, replace_dir, sha256_dir, sha256_file
+from tessera.tokenizers.chat import ChatError, ChatTemplate
 from tessera.tokenizers.layout import DEFAULT_MAX_GRID, DEFAULT_RESERVED, LayoutError, VocabLayout
 from tessera.tokenizers.multimodal import MultimodalTokenizer
 from tessera.unimodal import CODEC_FILES, load_codec, read_codec_info
@@ -33,7 +36,8 @@ class BundleError(TesseraError):
 
 
 def _bundle_hash(spec: dict) -> str:
-    core = {k: spec[k] for k in ("format", "version", "layout", "text", "image", "audio")}
+    # "chat" joined later: a bundle without a template keeps the hash it was built with
+    core = {k: spec[k] for k in ("format", "version", "layout", "text", "image", "audio", "chat") if k in spec}
     return hashlib.sha256(json.dumps(core, sort_keys=True).encode()).hexdigest()
 
 
@@ -54,6 +58,7 @@ def build_bundle(
     max_grid: int = DEFAULT_MAX_GRID,
     n_reserved: int = DEFAULT_RESERVED,
     audio_levels: int | None = None,
+    chat_template: dict | None = None,
     force: bool = False,
 ) -> dict:
     """Assemble a bundle from a text codec directory and optional image/audio codec directories.
@@ -61,6 +66,7 @@ def build_bundle(
     `audio_levels` keeps only the first K residual levels of the audio codec in the vocabulary (default:
     all of them): a codec trained with quantizer dropout decodes from any prefix of its levels, so one codec
     serves several bitrates, and each level dropped shortens every audio span by one token per frame.
+    `chat_template` (role prefixes, see tessera.tokenizers.chat) renders conversations; default `DEFAULT_CHAT`.
     """
     out = Path(out)
     if out.exists() and not out.is_dir():
@@ -76,6 +82,10 @@ def build_bundle(
     if not spm_path.is_file():
         raise BundleError(f"no SentencePiece model at {spm_path} (train one with `tessera tokenizer train text`)")
     text_tok = TextTokenizer.load(spm_path)
+    try:
+        chat = ChatTemplate.from_dict(chat_template).to_dict()
+    except ChatError as e:
+        raise BundleError(str(e)) from None
     infos = {}
     for kind, src in (("image", image), ("audio", audio)):
         if src is None:
@@ -118,6 +128,7 @@ def build_bundle(
             "text": {"path": "text/spm.model", "sha256": sha256_file(tmp / "text" / "spm.model")},
             "image": None,
             "audio": None,
+            "chat": chat,
         }
         for kind, src in (("image", image), ("audio", audio)):
             if src is None:
@@ -189,6 +200,7 @@ def load_bundle(bundle: str | Path, device=None, verify: bool = True) -> Multimo
             codecs.get("audio"),
             bundle_hash=spec["hash"],
             device=device or "cpu",
+            chat=ChatTemplate.from_dict(spec.get("chat")),
         )
     except LayoutError as e:
         raise BundleError(f"{bundle}: {e}") from None

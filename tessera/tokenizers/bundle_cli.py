@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
-from tessera.tokenizers.bundle import build_bundle, read_bundle_spec
+from tessera.tokenizers.bundle import BundleError, build_bundle, read_bundle_spec
 from tessera.tokenizers.layout import DEFAULT_MAX_GRID, DEFAULT_RESERVED, VocabLayout
 
 
@@ -17,12 +18,22 @@ def add_build_arguments(p) -> None:
     p.add_argument("--reserved", type=int, default=DEFAULT_RESERVED, help="reserved special slots")
     p.add_argument("--audio-levels", type=int, default=None, metavar="K",
                    help="keep the audio codec's first K residual levels (default: all)")
+    p.add_argument("--chat-template", metavar="FILE",
+                   help='a JSON file of role prefixes, e.g. {"system": "system:", "user": "user:", "assistant": '
+                        '"assistant:"} (default: those)')
     p.add_argument("--force", action="store_true", help="replace an existing bundle in --out (never a directory that is not a bundle)")
 
 
 def run_build(args) -> int:
+    chat = None
+    if args.chat_template:
+        try:
+            chat = json.loads(Path(args.chat_template).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise BundleError(f"--chat-template {args.chat_template}: {e}") from None
     spec = build_bundle(args.out, args.text, args.image, args.audio, max_grid=args.max_grid,
-                        n_reserved=args.reserved, audio_levels=args.audio_levels, force=args.force)
+                        n_reserved=args.reserved, audio_levels=args.audio_levels, chat_template=chat,
+                        force=args.force)
     print(describe(spec))
     print(f"bundle -> {args.out}")
     return 0

@@ -36,6 +36,7 @@ import torch
 from PIL import Image
 
 from tessera.errors import TesseraError
+from tessera.tokenizers.chat import DEFAULT_CHAT, ChatTemplate
 from tessera.tokenizers.layout import VocabLayout
 from tessera.unimodal.media import Audio, audio_to_tensor, pil_to_tensor, tensor_to_pil, to_rgb
 from tessera.unimodal.protocol import fit_image_size
@@ -102,6 +103,7 @@ class MultimodalTokenizer:
         bundle_hash: str | None = None,
         strict: bool = False,
         device: str | torch.device = "cpu",
+        chat: ChatTemplate = DEFAULT_CHAT,
     ):
         layout.check_codecs(
             text.vocab_size,
@@ -115,6 +117,7 @@ class MultimodalTokenizer:
         self.bundle_hash = bundle_hash
         self.strict = strict
         self.device = torch.device(device)
+        self.chat = chat  # renders conversations (tessera.tokenizers.chat)
         L = layout
         self.bos_id, self.eos_id, self.pad_id = text.bos_id, text.eos_id, L.pad
         self._text_range = L.ranges["text"]

@@ -114,10 +114,11 @@ class PretokenizeConfig:
     image_max_pixels: int = 0  # images are scaled down to at most this many pixels before encoding (0: no bound)
     dedup: bool = False  # a document whose tokens and mask equal an earlier one's is dropped (duplicate)
 
-    def reader_options(self) -> ReaderOptions:
+    def reader_options(self, chat: dict | None = None) -> ReaderOptions:
+        """The readers' options; `chat` is the bundle's chat template, for conversation documents."""
         return ReaderOptions(format=self.format, columns=dict(self.columns), text_first=self.text_first,
                              split=self.split, source=self.source, allow_outside_paths=self.allow_outside_paths,
-                             max_line_bytes=self.max_line_bytes, max_member_bytes=self.max_media_bytes)
+                             max_line_bytes=self.max_line_bytes, max_member_bytes=self.max_media_bytes, chat=chat)
 
 
 # settings that change what the documents are: a resumed run (or a part of a distributed one) must share them
@@ -165,8 +166,9 @@ def _init_worker(bundle: str, cfg_dict: dict, inputs: list[tuple[str, str]], loc
     if torch.cuda.is_available():  # torchrun rank r encodes on GPU LOCAL_RANK, shared when ranks outnumber GPUs
         local_rank %= torch.cuda.device_count()
     device = resolve_device(cfg.device, local_rank)
-    opts = cfg.reader_options()
-    _W.update(tok=load_bundle(bundle, device=device), cfg=cfg, readers=[READERS[f](p, opts) for f, p in inputs],
+    tok = load_bundle(bundle, device=device)
+    opts = cfg.reader_options(tok.chat.to_dict())
+    _W.update(tok=tok, cfg=cfg, readers=[READERS[f](p, opts) for f, p in inputs],
               cache=CodeCache(), started=started, stats={"peak_media_bytes": 0, "budget_flushes": 0})
 
 
@@ -574,7 +576,7 @@ def pretokenize(bundle: str | Path, inputs: list[str | Path], out: str | Path,
     if world_size < 1 or not 0 <= rank < world_size:
         raise TesseraError(f"--rank {rank} is not in [0, --world-size {world_size})")
     spec = read_bundle_spec(bundle)
-    readers = open_readers(inputs, cfg.reader_options())
+    readers = open_readers(inputs, cfg.reader_options(spec.get("chat")))
     paths = [Path(p) for p in inputs]
     for p in paths:
         if p.is_dir() and out.resolve().is_relative_to(p.resolve()):
