@@ -76,7 +76,7 @@ def step_clock(monkeypatch, module, per_step: str, seconds_per_step: float = 0.1
     import time
     import types
 
-    from tessera.runtime import monitor
+    from tessera.runtime import monitor, schedule
 
     steps, bars = {"n": 0}, []
     real = getattr(module, per_step)
@@ -92,8 +92,10 @@ def step_clock(monkeypatch, module, per_step: str, seconds_per_step: float = 0.1
 
     monkeypatch.setattr(module, per_step, counted)
     monkeypatch.setattr(module, "Progress", Bar)
-    monkeypatch.setattr(monitor, "time", types.SimpleNamespace(
-        monotonic=lambda: seconds_per_step * steps["n"], time=time.time, strftime=time.strftime, gmtime=time.gmtime))
+    clock = types.SimpleNamespace(monotonic=lambda: seconds_per_step * steps["n"], time=time.time,
+                                  strftime=time.strftime, gmtime=time.gmtime)
+    monkeypatch.setattr(monitor, "time", clock)  # the progress bar's ETA
+    monkeypatch.setattr(schedule, "time", clock)  # the run budget's clock
     return steps, bars
 
 

@@ -393,7 +393,7 @@ def test_a_time_budget_alone_sizes_the_lr_schedule_and_the_bar(tmp_path, speech_
 
     from tessera.unimodal import codec_train
 
-    steps, bars = step_clock(monkeypatch, codec_train, "wsd_factor")
+    steps, bars = step_clock(monkeypatch, codec_train, "lr_factor")
     out = tmp_path / "timed"
     assert run_cli("tokenizer", "train", "audio", "--data", str(speech_dir), "--out", str(out), "--preset", "tiny",
                    "--no-progress", "--max-minutes", "0.015", *FAST, "--set", "eval_every=100",

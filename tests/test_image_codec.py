@@ -385,7 +385,7 @@ def test_a_time_budget_alone_sizes_the_lr_schedule_and_the_bar(image_data, tmp_p
 
     from tessera.unimodal import codec_train
 
-    steps, bars = step_clock(monkeypatch, codec_train, "wsd_factor")
+    steps, bars = step_clock(monkeypatch, codec_train, "lr_factor")
     run = tmp_path / "timed"
     assert cli(["tokenizer", "train", "image", "--data", str(image_data), "--out", str(run), "--max-minutes", "0.02",
                 "--no-progress", *[a for s in MICRO_SET for a in ("--set", s)], "--set", "warmup_steps=50",

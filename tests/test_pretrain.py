@@ -10,7 +10,7 @@ import pytest
 import torch
 from fixtures import torchrun_argv
 
-from tessera.runtime import monitor
+from tessera.runtime import monitor, schedule
 from tessera.runtime.monitor import Progress, read_metrics
 from tessera.tokenizers import build_bundle
 from tessera.train import pretrain
@@ -112,8 +112,10 @@ def test_a_time_budget_alone_sizes_the_schedule_and_ends_the_run(corpus, tmp_pat
             bars.append(self)
 
     monkeypatch.setattr(pretrain, "token_losses", counted)
-    monkeypatch.setattr(monitor, "time", types.SimpleNamespace(
-        monotonic=lambda: 0.05 * calls["n"], time=time.time, strftime=time.strftime, gmtime=time.gmtime))
+    clock = types.SimpleNamespace(monotonic=lambda: 0.05 * calls["n"], time=time.time, strftime=time.strftime,
+                                  gmtime=time.gmtime)
+    monkeypatch.setattr(monitor, "time", clock)
+    monkeypatch.setattr(schedule, "time", clock)
     monkeypatch.setattr(pretrain, "Progress", Bar)
     monkeypatch.setattr(pretrain, "DEFAULT_STEPS", 20, raising=False)
     run = tmp_path / "timed"

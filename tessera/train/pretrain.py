@@ -66,7 +66,8 @@ from tessera.runtime.distributed import (
     destroy_distributed,
     init_distributed,
 )
-from tessera.runtime.monitor import DEFAULT_STEPS, MetricsLogger, Progress, RunBudget, add_budget_arguments
+from tessera.runtime.monitor import MetricsLogger, Progress
+from tessera.runtime.schedule import DEFAULT_STEPS, SCHEDULES, RunBudget, add_budget_arguments, lr_factor
 from tessera.storage import atomic_write_json, read_json, save_tensors
 from tessera.tokenizers.bundle import read_bundle_spec
 from tessera.tokenizers.layout import MODALITIES, VocabLayout
@@ -144,8 +145,8 @@ class TrainConfig:
             self.compile = "on" if str(self.compile).lower() == "true" else "off"
         if self.compile not in ("auto", "on", "off"):
             raise ConfigError(f"compile must be auto, on or off, got {self.compile!r}")
-        if self.schedule not in ("cosine", "wsd", "constant"):
-            raise ConfigError(f"schedule must be cosine, wsd or constant, got {self.schedule!r}")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"schedule must be {', '.join(SCHEDULES)}, got {self.schedule!r}")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise ConfigError(f"lr must be a finite number > 0, got {self.lr}")
         if self.freeze not in init_from.FREEZE_MODES:
@@ -156,23 +157,6 @@ class TrainConfig:
             if not 0 <= getattr(self, key) <= 1:
                 raise ConfigError(f"{key} must be in [0, 1], got {getattr(self, key)}")
         return self
-
-
-# --------------------------------------------------------------------------------------------- loss
-def lr_at(step: int, frac: float, warmup: int, cfg: TrainConfig) -> float:
-    """The lr after `step` steps, `frac` of the way through the schedule (`RunBudget.fraction`): a linear
-    warmup over `warmup` steps times a cosine or WSD decay to `min_lr_ratio` by `frac` (or none, constant).
-    The decay is a function of `frac`, not of the step, so it follows a re-planned run continuously."""
-    warm = min(1.0, (step + 1) / max(1, warmup))
-    if cfg.schedule == "constant":
-        return cfg.lr * warm
-    lo = cfg.lr * cfg.min_lr_ratio
-    if cfg.schedule == "cosine":
-        return warm * (lo + (cfg.lr - lo) * 0.5 * (1 + math.cos(math.pi * frac)))
-    if cfg.schedule == "wsd":
-        p = min(1.0, max(0.0, (frac - 1 + cfg.decay_fraction) / max(1e-9, cfg.decay_fraction)))
-        return warm * (cfg.lr + (lo - cfg.lr) * p)
-    raise ConfigError(f"unknown schedule {cfg.schedule!r}: cosine, wsd or constant")
 
 
 # A run shorter than this is not worth compiling: on a 2-core CPU, compiling the demo decoder's blocks and
@@ -543,9 +527,11 @@ def _train_locked(args, env) -> dict:
     def set_lr() -> None:
         """The lr of the next step: a fixed `steps` schedule, or one sized to the budget's plan."""
         if tcfg.steps:
-            lr = lr_at(step, step / tcfg.steps, tcfg.warmup_steps, tcfg)
+            frac, warmup = step / tcfg.steps, tcfg.warmup_steps
         else:
-            lr = lr_at(step, budget.fraction(step), budget.warmup(tcfg.warmup_steps), tcfg)
+            frac, warmup = budget.fraction(step), budget.warmup(tcfg.warmup_steps)
+        lr = tcfg.lr * lr_factor(step, frac, warmup, tcfg.schedule, min_ratio=tcfg.min_lr_ratio,
+                                 decay_fraction=tcfg.decay_fraction)
         for g in optimizer.param_groups:
             g["lr"] = lr
 
