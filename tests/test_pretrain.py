@@ -13,7 +13,7 @@ from fixtures import torchrun_argv
 from tessera.runtime import monitor, schedule
 from tessera.runtime.monitor import Progress, read_metrics
 from tessera.tokenizers import build_bundle
-from tessera.train import pretrain
+from tessera.train import init_from, pretrain
 from tessera.train.pretokenize import PretokenizeConfig, pretokenize
 
 WORDS = ["seven", "eight", "digit", "a", "the", "drawing", "of", "is", "what", "this"]
@@ -212,7 +212,7 @@ def test_code_embeddings_start_from_the_codecs_code_vectors(codec_bundle):
     model = Transformer(cfg)
     model.init_weights(seed=0)
     before = model.tok_embeddings.weight.detach().clone()
-    done = pretrain.init_code_embeddings(model, codec_bundle)
+    done = init_from.init_code_embeddings(model, codec_bundle)
     assert done == ["image"] + [f"audio.{q}" for q in range(tok.layout.audio_levels)]
     emb = model.tok_embeddings.weight.detach()
     text = tok.layout.ranges["text"]

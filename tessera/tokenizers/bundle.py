@@ -153,10 +153,6 @@ def read_bundle_spec(bundle: str | Path) -> dict:
     return spec
 
 
-def bundle_layout(bundle: str | Path) -> VocabLayout:
-    return VocabLayout.from_dict(read_bundle_spec(bundle)["layout"])
-
-
 def load_bundle(bundle: str | Path, device=None, verify: bool = True) -> MultimodalTokenizer:
     """Load a bundle; with `verify`, every component's content hash is checked first."""
     bundle = Path(bundle)

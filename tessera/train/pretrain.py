@@ -213,41 +213,6 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.devi
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8, fused=True)
 
 
-@torch.no_grad()
-def init_code_embeddings(model: Transformer, bundle: str | Path, seed: int = 0) -> list[str]:
-    """Start the embedding (and output) rows of image and audio codes from the codecs' own code vectors.
-
-    A code's id says nothing about which codes resemble it, but the codec knows: FSQ codes are points on a
-    grid, RVQ codes are learned vectors. Each range's vectors are standardized and mapped to the model width
-    by a fixed random projection, scaled to the init std. Codes that the codec places close together then
-    start close together, so the decoder generalizes across codes from far fewer examples; the rows stay
-    ordinary trainable parameters. Returns the ranges it initialized.
-    """
-    from tessera.tokenizers.bundle import load_bundle
-
-    tok = load_bundle(bundle)
-    g = torch.Generator().manual_seed(seed)
-    std, dim = model.cfg.init_std, model.cfg.dim
-    done = []
-    for kind, codec in (("image", tok.image_codec), ("audio", tok.audio_codec)):
-        if codec is None or not hasattr(codec, "code_vectors"):
-            continue
-        vecs = codec.code_vectors().float().cpu()  # (levels, K, d)
-        for q in range(vecs.shape[0] if kind == "image" else tok.layout.audio_levels):  # the levels in the vocabulary
-            v = vecs[q]
-            v = (v - v.mean(0)) / (v.std(0) + 1e-6)
-            proj = torch.randn(v.shape[1], dim, generator=g) / v.shape[1] ** 0.5
-            rows = v @ proj
-            rows = rows * (std / rows.std())
-            name = kind if kind == "image" else f"audio.{q}"
-            r = tok.layout.ranges[name]
-            model.tok_embeddings.weight[r.offset : r.end] = rows.to(model.tok_embeddings.weight)
-            if not model.cfg.tie_embeddings:
-                model.output.weight[r.offset : r.end] = rows.to(model.output.weight)
-            done.append(name)
-    return done
-
-
 # ---------------------------------------------------------------------------------------------- setup
 class RunError(TesseraError):
     pass
@@ -366,10 +331,6 @@ def write_run_files(out: Path, mcfg: ModelConfig, tcfg: TrainConfig, spec: dict,
     })
 
 
-def save_inference_weights(out: Path, model) -> None:
-    save_tensors(out / "model.safetensors", full_model_state(model), metadata={"format": "pt"})
-
-
 def restore_loader(loader: PackedLoader, state: dict, env, tcfg: TrainConfig) -> None:
     """Each rank's loader state from a checkpoint: its own when the number of processes is the one saved;
     with another number, every rank continues the global stream at the first window no rank had taken
@@ -457,7 +418,7 @@ def _train_locked(args, env) -> dict:
         if init and not resuming:  # weights of another run or an HF model; its new rows as below, rescaled
             init_from.initialize(m, init, args.tokenizer, tcfg, log=print if env.is_main else None)
         elif tcfg.code_embedding_init and not resuming:
-            inited = init_code_embeddings(m, args.tokenizer, tcfg.seed)
+            inited = init_from.init_code_embeddings(m, args.tokenizer, tcfg.seed)
             if inited and env.is_main:
                 print(f"[tessera] code embeddings initialized from codec code vectors: {', '.join(inited)}")
         return m

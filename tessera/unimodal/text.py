@@ -23,7 +23,7 @@ import sentencepiece as spm
 
 from tessera.errors import TesseraError
 from tessera.runtime.monitor import progress_bar
-from tessera.storage import atomic_write_bytes, atomic_write_json, read_json, sha256_file
+from tessera.storage import atomic_write_bytes, atomic_write_json, sha256_file
 
 TEXT_FORMAT = "tessera-text"
 TEXT_VERSION = 1
@@ -213,7 +213,3 @@ def train_text_tokenizer(
     )
     return TextTokenizer(model.getvalue())
 
-
-def read_text_meta(path: str | os.PathLike) -> dict:
-    p = Path(path) / "text.json"
-    return read_json(p) if p.exists() else {}
