@@ -242,3 +242,21 @@ def interrupt_shard_writes(monkeypatch, at: int = 3):
     monkeypatch.setattr(pt, "write_shard", crash)
     return lambda: monkeypatch.setattr(pt, "write_shard", real)
 
+
+
+class ScriptedJudge:
+    """A `MediaJudge` that predicts one fixed label for every item and knows the labels of the files it is
+    given: what the codec evaluations need of a judge, without training one."""
+
+    source = "the scripted labels"
+
+    def __init__(self, labels: dict, predicted: int = 0):
+        self.labels = {Path(p).resolve(): label for p, label in labels.items()}
+        self.predicted, self.seen = predicted, []
+
+    def label(self, path):
+        return self.labels.get(Path(path).resolve())
+
+    def predict(self, media, **kwargs):
+        self.seen.append((len(media), kwargs))
+        return [self.predicted] * len(media)

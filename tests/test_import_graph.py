@@ -124,3 +124,12 @@ def test_runtime_imports_nothing_above_it():
     assert set(runtime) <= set(loaded)
     added = [m for m in loaded if m not in package and m.startswith(ABOVE_RUNTIME)]
     assert not added, f"importing tessera.runtime loaded {', '.join(added)}"
+
+
+def test_the_codecs_import_nothing_of_the_evaluation():
+    """Codec evaluations take a judge as an argument; the digits judges are built at the command line."""
+    graph = import_graph()
+    for m, deps in graph.items():
+        if m.startswith("tessera.unimodal"):
+            bad = sorted(d for d in deps if d.startswith(("tessera.eval", "tessera.data")))
+            assert not bad, f"{m} imports {', '.join(bad)}"

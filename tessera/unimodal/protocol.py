@@ -12,13 +12,20 @@ arithmetic, so the span logic can be tested without training anything.
 
 A codec directory holds `codec.json` (format, version, kind, `CodecInfo`, the codec's config) and
 `model.safetensors`; `read_codec_meta` checks one without loading weights.
+
+A codec evaluation may also take a `MediaJudge`: a classifier whose accuracy on the reconstructions, next to
+its accuracy on the originals, says how much of what matters a codec keeps. The evaluations take the judge
+as an argument; the command line builds one (the digits judges of `tessera.eval.judges`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Protocol, runtime_checkable
+
+import numpy as np
 
 import torch
 
@@ -100,6 +107,25 @@ def read_codec_meta(path: str | Path) -> dict:
 def read_codec_info(path: str | Path) -> CodecInfo:
     """The codec's `CodecInfo`, read from codec.json without loading weights."""
     return CodecInfo.from_dict(read_codec_meta(path)["info"])
+
+
+@runtime_checkable
+class MediaJudge(Protocol):
+    """What a codec evaluation needs from a judge: the true label of an evaluated file, and the labels the
+    judge reads in media (PIL images, or 1-D waveforms with `sample_rate=`)."""
+
+    source: str  # where the labels come from, for messages ("corpus/meta.json")
+
+    def label(self, path: str | Path) -> int | None:
+        """The file's true label; None when the judge has none for it."""
+        ...
+
+    def predict(self, media: Sequence, **kwargs) -> Sequence[int]: ...
+
+
+def judge_accuracy(judge: MediaJudge, media: Sequence, labels: Sequence[int], **kwargs) -> float:
+    """The fraction of `media` the judge labels as `labels`."""
+    return float((np.asarray(judge.predict(media, **kwargs)) == np.asarray(labels)).mean())
 
 
 def fit_image_size(width: int, height: int, factor: int, max_side: int = 0) -> tuple[int, int]:
