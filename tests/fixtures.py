@@ -226,6 +226,19 @@ def torchrun_argv(nproc: int = 2) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}"]
 
 
+def run_torchrun(module_argv: list[str], nproc: int = 2, timeout: float = 600):
+    """`python -m torch.distributed.run ... -m MODULE ARGS` with one thread per process; fails the test (with
+    the end of stderr) unless every process exits cleanly."""
+    import os
+    import subprocess
+
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run([*torchrun_argv(nproc), "-m", *module_argv], env=env, capture_output=True, text=True,
+                       timeout=timeout)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
 def interrupt_shard_writes(monkeypatch, at: int = 3):
     """Make pretokenize's `at`-th shard write raise KeyboardInterrupt, as Ctrl-C would; returns a function
     that puts the real writer back."""

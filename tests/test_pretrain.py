@@ -8,7 +8,7 @@ import types
 
 import pytest
 import torch
-from fixtures import torchrun_argv
+from fixtures import run_torchrun, torchrun_argv
 
 from tessera.runtime import monitor, schedule
 from tessera.runtime.monitor import Progress, read_metrics
@@ -263,11 +263,7 @@ def test_ema_decay_out_of_range_is_refused(corpus, tmp_path, capsys):
 
 
 def _torchrun(corpus, out, *extra):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [*torchrun_argv(2),
-           "-m", "tessera.train.pretrain", *args(corpus, out, *extra)]
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
+    run_torchrun(["tessera.train.pretrain", *args(corpus, out, *extra)], timeout=300)
 
 
 def test_fsdp_starts_from_the_weights_ddp_starts_from_and_trains_alike(corpus, tmp_path):
