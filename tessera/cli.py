@@ -49,9 +49,10 @@ COMMANDS = [
 ]
 
 GROUP_HELP = {
-    ("tokenizer",): "train, evaluate and assemble tokenizers",
-    ("tokenizer", "train"): "train one codec",
-    ("tokenizer", "eval"): "evaluate one codec",
+    ("tokenizer",): "train, evaluate and assemble the tokenizers: the text tokenizer, the image and audio codecs, "
+                    "and the bundle that lays them out in one vocabulary",
+    ("tokenizer", "train"): "train the text tokenizer or a codec",
+    ("tokenizer", "eval"): "evaluate a codec",
     ("data",): "build corpora and pretokenize them",
     ("export",): "export a trained run",
 }

@@ -56,7 +56,7 @@ def build_bundle(
     audio_levels: int | None = None,
     force: bool = False,
 ) -> dict:
-    """Assemble a bundle from a text codec directory and optional image/audio codec directories.
+    """Assemble a bundle from a text tokenizer directory and optional image/audio codec directories.
 
     `audio_levels` keeps only the first K residual levels of the audio codec in the vocabulary (default:
     all of them): a codec trained with quantizer dropout decodes from any prefix of its levels, so one codec

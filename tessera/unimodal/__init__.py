@@ -1,4 +1,5 @@
-"""One codec per modality: text (SentencePiece), image (conv VQ autoencoder), audio (SEANet + residual VQ).
+"""The tokenizer of each modality: text (SentencePiece), and the image (conv VQ autoencoder) and audio (SEANet +
+residual VQ) codecs.
 
 A codec directory holds `codec.json` (`{"format": "tessera-codec", "version": 1, "kind": "image"|"audio",
 "info": CodecInfo, "config": ...}`) and `model.safetensors` (the format is in `protocol.py`). `load_codec`
