@@ -26,7 +26,7 @@ COMMANDS = [
     (("tokenizer", "eval", "audio"), "tessera.eval.codec_eval", "audio_eval",
      "evaluate an audio codec (SI-SDR, mel distance, STOI, kbps) next to Opus"),
     (("tokenizer", "build"), "tessera.tokenizers.bundle_cli", "build",
-     "assemble a tokenizer bundle (vocabulary layout) from trained codecs"),
+     "assemble a tokenizer bundle (vocabulary layout) from the trained text tokenizer and codecs"),
     (("tokenizer", "info"), "tessera.tokenizers.bundle_cli", "info",
      "print a bundle's vocabulary layout"),
     (("data", "digits"), "tessera.data.digits", "build",
