@@ -52,6 +52,13 @@ def test_a_checkpoint_written_under_fsdp_resumes_in_one_process(corpus, straight
     _assert_follows(run, straight)
 
 
+def test_fsdp_in_one_process_is_a_one_line_error(corpus, tmp_path, capsys):  # noqa: F811
+    assert pretrain.main(args(corpus, tmp_path / "run", "--fsdp", "--max-steps", "1")) == 2
+    err = capsys.readouterr().err
+    assert "launch with torchrun" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()  # refused before --out is written
+
+
 @pytest.mark.slow
 def test_a_one_process_checkpoint_resumes_under_fsdp(corpus, straight, tmp_path):  # noqa: F811
     """The reverse: one process trains half the schedule, two FSDP2 processes resume it."""

@@ -22,6 +22,8 @@ tokens/s, MFU, the planned steps. A step whose loss or gradient is NaN/Inf is sk
 One run at a time writes a run directory: rank 0 holds an exclusive lock on `OUT/.lock` while it runs, and
 a second run into the same `--out` is refused. `--resume` restores every rank's loader state and refuses
 `--data` other than the run's; a new run does not replace an earlier run's metrics without `--force`.
+The launch mode is each invocation's own: a run trained with `--fsdp` resumes in one process or under DDP,
+and the reverse (the checkpoints hold full, unsharded state).
 
 The LR schedule's length is `steps` when set; otherwise the budget's plan (`RunBudget`): `--max-steps`, or
 with `--max-minutes` the steps that fit in the time at the measured throughput (the smaller, with both), so
@@ -299,8 +301,15 @@ def prepare_run(args, env) -> tuple[ModelConfig, TrainConfig, dict, bool, dict |
             except ValueError as e:
                 raise ConfigError(str(e)) from None
     tcfg.validate()
+    if resuming and not any(item.split("=", 1)[0].strip() == "fsdp" for item in train_over):
+        # How a run was launched does not carry over: its checkpoints hold full state dicts, which load in one
+        # process, under DDP or under FSDP2 alike.
+        tcfg.fsdp = False
     if args.fsdp:
         tcfg.fsdp = True
+    if tcfg.fsdp and not env.is_distributed:
+        raise ConfigError("FSDP2 shards over several processes: launch with torchrun --nproc_per_node=N, or leave "
+                          "out --fsdp")
     init_from.check(tcfg, init, layout, resumed_freeze)
     if args.compile:
         tcfg.compile = args.compile
