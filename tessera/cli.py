@@ -49,8 +49,8 @@ COMMANDS = [
 ]
 
 GROUP_HELP = {
-    ("tokenizer",): "train, evaluate and assemble the tokenizers: the text tokenizer, the image and audio codecs, "
-                    "and the bundle that lays them out in one vocabulary",
+    ("tokenizer",): ("train, evaluate and assemble the tokenizers: the text tokenizer, the image and audio codecs, "
+                     "and the bundle that lays them out in one vocabulary"),
     ("tokenizer", "train"): "train the text tokenizer or a codec",
     ("tokenizer", "eval"): "evaluate a codec",
     ("data",): "build corpora and pretokenize them",

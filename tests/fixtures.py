@@ -234,7 +234,7 @@ def run_torchrun(module_argv: list[str], nproc: int = 2, timeout: float = 600):
 
     env = dict(os.environ, OMP_NUM_THREADS="1")
     r = subprocess.run([*torchrun_argv(nproc), "-m", *module_argv], env=env, capture_output=True, text=True,
-                       timeout=timeout)
+                       timeout=timeout, check=False)
     assert r.returncode == 0, r.stderr[-3000:]
     return r
 

@@ -11,9 +11,9 @@ import torch
 from fixtures import codec_train_argv, write_image_folder, write_speech_folder
 
 from tessera.cli import main as cli
-from tessera.storage import load_tensors
 from tessera.runtime.checkpoint import CheckpointManager
 from tessera.runtime.monitor import read_metrics
+from tessera.storage import load_tensors
 
 KINDS = ["image", "audio"]
 

@@ -118,7 +118,8 @@ def test_runtime_imports_nothing_above_it():
             f"for m in {runtime!r}:\n"
             "    importlib.import_module(m)\n"
             "print(json.dumps([package, sorted(k for k in sys.modules if k.startswith('tessera'))]))\n")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=PACKAGE.parent, timeout=120)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=PACKAGE.parent, timeout=120,
+                       check=False)
     assert r.returncode == 0, r.stderr[-2000:]
     package, loaded = json.loads(r.stdout.strip().splitlines()[-1])
     assert set(runtime) <= set(loaded)

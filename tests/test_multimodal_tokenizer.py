@@ -4,12 +4,12 @@ import warnings
 
 import numpy as np
 import pytest
+from fixtures import FrameLevelAudioCodec, PatchMeanImageCodec
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tessera.tokenizers import AudioCodes, ImageCodes, MalformedSpanError, MalformedSpanWarning
 from tessera.unimodal.media import Audio
-from fixtures import FrameLevelAudioCodec, PatchMeanImageCodec
 
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 

@@ -1,15 +1,20 @@
 import itertools
 import json
+from dataclasses import dataclass, field
 
 import pytest
 import torch
 
 from tessera.config import ConfigError, apply_overrides, from_dict, to_dict
-from tessera.runtime.checkpoint import (CheckpointManager, capture_rng, flatten_optimizer_state, restore_rng,
-                                      unflatten_optimizer_state)
+from tessera.runtime.checkpoint import (
+    CheckpointManager,
+    capture_rng,
+    flatten_optimizer_state,
+    restore_rng,
+    unflatten_optimizer_state,
+)
 from tessera.runtime.monitor import MetricsLogger, Progress, read_metrics
 from tessera.runtime.schedule import RunBudget, lr_factor
-from dataclasses import dataclass, field
 
 
 @dataclass

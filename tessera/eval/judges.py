@@ -20,6 +20,7 @@ evaluations take (`tessera.unimodal.protocol.MediaJudge`) when `--digits-corpus`
 from __future__ import annotations
 
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -194,7 +195,7 @@ class CorpusJudge:
     """The digits corpus's image or speech judge with the corpus's labels (`MediaJudge`): `label` looks a file
     up in meta.json (both splits); the judge is trained on the real training files when it first predicts."""
 
-    JUDGES = {"images": ImageDigitJudge, "speech": SpeechDigitJudge}
+    JUDGES: ClassVar[dict] = {"images": ImageDigitJudge, "speech": SpeechDigitJudge}
 
     def __init__(self, corpus: str | Path, kind: str):
         if kind not in self.JUDGES:

@@ -43,7 +43,6 @@ from torch import nn
 from tessera.config import ConfigError, apply_overrides, from_dict, preset, to_dict
 from tessera.config import split_overrides as _split_overrides
 from tessera.errors import TesseraError
-from tessera.storage import atomic_write_json
 from tessera.runtime import schedule
 from tessera.runtime.checkpoint import (
     CheckpointManager,
@@ -63,6 +62,7 @@ from tessera.runtime.distributed import (
 )
 from tessera.runtime.monitor import MetricsLogger, Progress
 from tessera.runtime.schedule import RunBudget, add_budget_arguments, lr_factor
+from tessera.storage import atomic_write_json
 
 DTYPES = ("auto", "bf16", "fp32")
 # Training keys renamed when the two codec trainers were joined: old name -> (new name, old value -> new value)

@@ -41,9 +41,8 @@ from PIL import Image
 from tessera.config import ConfigError, from_dict, preset, to_dict
 from tessera.errors import TesseraError
 from tessera.storage import atomic_write_json, load_tensors, save_tensors
-from tessera.unimodal.protocol import CODEC_FORMAT, CODEC_VERSION, CodecError, read_codec_meta
 from tessera.unimodal.media import pil_to_tensor
-from tessera.unimodal.protocol import CodecInfo
+from tessera.unimodal.protocol import CODEC_FORMAT, CODEC_VERSION, CodecError, CodecInfo, read_codec_meta
 
 
 class ImageSizeError(TesseraError):

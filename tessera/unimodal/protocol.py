@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import numpy as np
-
 import torch
 
 from tessera.errors import TesseraError
