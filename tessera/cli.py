@@ -21,12 +21,12 @@ COMMANDS = [
      "train the VQ image codec (single process or torchrun)"),
     (("tokenizer", "train", "audio"), "tessera.unimodal.audio_train", "train",
      "train the residual-VQ audio codec (single process or torchrun)"),
-    (("tokenizer", "eval", "image"), "tessera.unimodal.image_eval", "eval",
+    (("tokenizer", "eval", "image"), "tessera.eval.codec_eval", "image_eval",
      "evaluate an image codec (PSNR, SSIM, bpp, codebook usage) next to JPEG"),
-    (("tokenizer", "eval", "audio"), "tessera.unimodal.audio_eval", "eval",
+    (("tokenizer", "eval", "audio"), "tessera.eval.codec_eval", "audio_eval",
      "evaluate an audio codec (SI-SDR, mel distance, STOI, kbps) next to Opus"),
     (("tokenizer", "build"), "tessera.tokenizers.bundle_cli", "build",
-     "assemble a tokenizer bundle (vocabulary layout) from trained codecs"),
+     "assemble a tokenizer bundle (vocabulary layout) from the trained text tokenizer and codecs"),
     (("tokenizer", "info"), "tessera.tokenizers.bundle_cli", "info",
      "print a bundle's vocabulary layout"),
     (("data", "digits"), "tessera.data.digits", "build",
@@ -49,9 +49,10 @@ COMMANDS = [
 ]
 
 GROUP_HELP = {
-    ("tokenizer",): "train, evaluate and assemble tokenizers",
-    ("tokenizer", "train"): "train one codec",
-    ("tokenizer", "eval"): "evaluate one codec",
+    ("tokenizer",): ("train, evaluate and assemble the tokenizers: the text tokenizer, the image and audio codecs, "
+                     "and the bundle that lays them out in one vocabulary"),
+    ("tokenizer", "train"): "train the text tokenizer or a codec",
+    ("tokenizer", "eval"): "evaluate a codec",
     ("data",): "build corpora and pretokenize them",
     ("export",): "export a trained run",
 }

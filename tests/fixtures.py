@@ -76,7 +76,7 @@ def step_clock(monkeypatch, module, per_step: str, seconds_per_step: float = 0.1
     import time
     import types
 
-    from tessera.runtime import monitor
+    from tessera.runtime import monitor, schedule
 
     steps, bars = {"n": 0}, []
     real = getattr(module, per_step)
@@ -92,8 +92,10 @@ def step_clock(monkeypatch, module, per_step: str, seconds_per_step: float = 0.1
 
     monkeypatch.setattr(module, per_step, counted)
     monkeypatch.setattr(module, "Progress", Bar)
-    monkeypatch.setattr(monitor, "time", types.SimpleNamespace(
-        monotonic=lambda: seconds_per_step * steps["n"], time=time.time, strftime=time.strftime, gmtime=time.gmtime))
+    clock = types.SimpleNamespace(monotonic=lambda: seconds_per_step * steps["n"], time=time.time,
+                                  strftime=time.strftime, gmtime=time.gmtime)
+    monkeypatch.setattr(monitor, "time", clock)  # the progress bar's ETA
+    monkeypatch.setattr(schedule, "time", clock)  # the run budget's clock
     return steps, bars
 
 
@@ -224,6 +226,19 @@ def torchrun_argv(nproc: int = 2) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}"]
 
 
+def run_torchrun(module_argv: list[str], nproc: int = 2, timeout: float = 600):
+    """`python -m torch.distributed.run ... -m MODULE ARGS` with one thread per process; fails the test (with
+    the end of stderr) unless every process exits cleanly."""
+    import os
+    import subprocess
+
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run([*torchrun_argv(nproc), "-m", *module_argv], env=env, capture_output=True, text=True,
+                       timeout=timeout, check=False)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
 def interrupt_shard_writes(monkeypatch, at: int = 3):
     """Make pretokenize's `at`-th shard write raise KeyboardInterrupt, as Ctrl-C would; returns a function
     that puts the real writer back."""
@@ -240,3 +255,21 @@ def interrupt_shard_writes(monkeypatch, at: int = 3):
     monkeypatch.setattr(pt, "write_shard", crash)
     return lambda: monkeypatch.setattr(pt, "write_shard", real)
 
+
+
+class ScriptedJudge:
+    """A `MediaJudge` that predicts one fixed label for every item and knows the labels of the files it is
+    given: what the codec evaluations need of a judge, without training one."""
+
+    source = "the scripted labels"
+
+    def __init__(self, labels: dict, predicted: int = 0):
+        self.labels = {Path(p).resolve(): label for p, label in labels.items()}
+        self.predicted, self.seen = predicted, []
+
+    def label(self, path):
+        return self.labels.get(Path(path).resolve())
+
+    def predict(self, media, **kwargs):
+        self.seen.append((len(media), kwargs))
+        return [self.predicted] * len(media)

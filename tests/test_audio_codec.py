@@ -192,6 +192,26 @@ def test_si_sdr_and_codebook_usage():
     assert codebook_usage(codes, 8) == [0.375, 0.125]
 
 
+def test_eval_takes_a_judge_and_needs_a_label_for_every_clip(small_codec, tmp_path):
+    """The judge is an argument: scored on the originals and the reconstructions at the codec's rate; a clip
+    the judge has no label for is a one-line error naming where the labels come from."""
+    from fixtures import ScriptedJudge
+
+    from tessera.unimodal import audio_eval
+    from tessera.unimodal.media import MediaError
+
+    clips = [speechlike(SR, s)[: SR // 2] for s in range(4)]
+    judge = ScriptedJudge({}, predicted=3)
+    r = audio_eval.evaluate_codec(small_codec, clips, labels=[3, 3, 1, 3], judge=judge, opus_kbps=(),
+                                  intelligibility=False)
+    assert r["judge"] == {"accuracy_original": 0.75, "accuracy_reconstructed": 0.75, "ratio": 1.0}
+    assert judge.seen == [(4, {"sample_rate": SR}), (4, {"sample_rate": SR})]
+    paths = [tmp_path / "a.wav", tmp_path / "b.wav"]
+    assert audio_eval._labels_for(paths, ScriptedJudge({paths[0]: 1, paths[1]: 2})) == [1, 2]
+    with pytest.raises(MediaError, match=r"b.wav \(and 0 more\) are not in the scripted labels"):
+        audio_eval._labels_for(paths, ScriptedJudge({paths[0]: 1}))
+
+
 def test_multiscale_mel_is_torchaudios_mel_spectrogram_and_its_gradient():
     import torchaudio
 
@@ -393,7 +413,7 @@ def test_a_time_budget_alone_sizes_the_lr_schedule_and_the_bar(tmp_path, speech_
 
     from tessera.unimodal import codec_train
 
-    steps, bars = step_clock(monkeypatch, codec_train, "wsd_factor")
+    steps, bars = step_clock(monkeypatch, codec_train, "lr_factor")
     out = tmp_path / "timed"
     assert run_cli("tokenizer", "train", "audio", "--data", str(speech_dir), "--out", str(out), "--preset", "tiny",
                    "--no-progress", "--max-minutes", "0.015", *FAST, "--set", "eval_every=100",

@@ -11,9 +11,9 @@ import torch
 from fixtures import codec_train_argv, write_image_folder, write_speech_folder
 
 from tessera.cli import main as cli
-from tessera.storage import load_tensors
 from tessera.runtime.checkpoint import CheckpointManager
 from tessera.runtime.monitor import read_metrics
+from tessera.storage import load_tensors
 
 KINDS = ["image", "audio"]
 
@@ -115,9 +115,9 @@ def test_bad_dtype_is_a_one_line_error(kind, data, tmp_path, capsys):
 def test_without_bounds_a_run_takes_the_decoders_default_steps(kind, data, tmp_path, monkeypatch):
     """No --max-steps or --max-minutes: DEFAULT_STEPS (1000; 3 here), as the decoder's trainer; a resumed run
     without bounds continues its plan, and one with a larger bound trains on."""
-    from tessera.runtime import monitor
+    from tessera.runtime import schedule
 
-    monkeypatch.setattr(monitor, "DEFAULT_STEPS", 3, raising=False)
+    monkeypatch.setattr(schedule, "DEFAULT_STEPS", 3)
     out = tmp_path / "run"
     assert train(kind, data, out) == 0
     summary = json.loads((out / "train_summary.json").read_text())

@@ -17,6 +17,7 @@ from PIL import Image
 
 from tessera.cli import main as cli
 from tessera.config import ConfigError
+from tessera.errors import TesseraError
 from tessera.runtime.monitor import read_metrics
 from tessera.unimodal import load_codec, read_codec_info
 from tessera.unimodal.image import ImageCodec, ImageCodecConfig, ImageSizeError
@@ -342,6 +343,33 @@ def test_eval_cli_prints_json_and_a_table(image_data, tmp_path, capsys):
     assert "JPEG q=25" in table and "codec" in table and "PSNR" in table
 
 
+def test_eval_takes_a_judge_and_scores_the_files_it_labels(image_data, tmp_path, capsys):
+    """The judge is an argument (the command line's is the digits corpus's): its accuracy on originals and
+    reconstructions, over the files it has a label for; none labelled is a one-line error."""
+    import argparse
+
+    from fixtures import ScriptedJudge
+
+    from tessera.unimodal import image_eval
+    from tessera.unimodal.protocol import MediaJudge
+
+    assert train(image_data, tmp_path / "run", steps=1) == 0
+    p = argparse.ArgumentParser()
+    image_eval.add_eval_arguments(p)
+    args = p.parse_args(["--codec", str(tmp_path / "run"), "--data", str(image_data / "test"), "--json", "--no-jpeg"])
+    files = sorted((image_data / "test").iterdir())
+    judge = ScriptedJudge({files[0]: 0, files[1]: 1, files[2]: 0})  # files[3] has no label
+    assert isinstance(judge, MediaJudge)
+    capsys.readouterr()
+    assert image_eval.run_eval(args, judge=judge) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["judge"] == {"accuracy_original": pytest.approx(2 / 3, abs=1e-4),
+                          "accuracy_reconstructed": pytest.approx(2 / 3, abs=1e-4), "ratio": 1.0, "n": 3}
+    assert judge.seen == [(3, {}), (3, {})]  # the originals, then the reconstructions
+    with pytest.raises(TesseraError, match="none of the evaluated images is in the scripted labels"):
+        image_eval.run_eval(args, judge=ScriptedJudge({}))
+
+
 def test_the_multimodal_tokenizer_uses_the_trained_codec(image_data, tmp_path, text_dir):
     from tessera.tokenizers import build_bundle, load_bundle
 
@@ -385,7 +413,7 @@ def test_a_time_budget_alone_sizes_the_lr_schedule_and_the_bar(image_data, tmp_p
 
     from tessera.unimodal import codec_train
 
-    steps, bars = step_clock(monkeypatch, codec_train, "wsd_factor")
+    steps, bars = step_clock(monkeypatch, codec_train, "lr_factor")
     run = tmp_path / "timed"
     assert cli(["tokenizer", "train", "image", "--data", str(image_data), "--out", str(run), "--max-minutes", "0.02",
                 "--no-progress", *[a for s in MICRO_SET for a in ("--set", s)], "--set", "warmup_steps=50",

@@ -160,7 +160,7 @@ def test_a_tessera_run_continues_with_the_same_weights_and_a_grown_vocabulary(co
     grown_run.mkdir()
     pretrain.write_run_files(grown_run, grown.cfg, pretrain.TrainConfig(), read_bundle_spec(codec_bundle),
                              types.SimpleNamespace(tokenizer=str(codec_bundle), data=str(corpus / "shards"), eval_data=None))
-    pretrain.save_inference_weights(grown_run, grown)
+    save_tensors(grown_run / "model.safetensors", grown.state_dict(), metadata={"format": "pt"})
     with pytest.raises(init_from.InitFromError, match="no image codec.*may grow, not shrink"):
         init_from.plan(grown_run, read_bundle_spec(corpus / "bundle"), pretrain.TrainConfig(), None, [])
     with pytest.raises(init_from.InitFromError, match=r"n_layers 3 \(the --set\) vs 2 \(the source\)"):

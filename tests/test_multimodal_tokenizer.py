@@ -4,12 +4,12 @@ import warnings
 
 import numpy as np
 import pytest
+from fixtures import FrameLevelAudioCodec, PatchMeanImageCodec
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tessera.tokenizers import AudioCodes, ImageCodes, MalformedSpanError, MalformedSpanWarning
 from tessera.unimodal.media import Audio
-from fixtures import FrameLevelAudioCodec, PatchMeanImageCodec
 
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
@@ -176,3 +176,11 @@ def test_codec_sizes_disagreeing_with_layout_are_refused(text_dir):
     layout = VocabLayout(text_size=text.vocab_size, image_codebook_size=32)
     with pytest.raises(LayoutError, match="image codec has 16 codes but the layout's image range has 32"):
         MultimodalTokenizer(layout, text, PatchMeanImageCodec(codebook_size=16))
+
+
+def test_the_fixture_codecs_implement_the_codec_protocol():
+    """The arithmetic codecs the span tests use stand in for the real ones: same protocol."""
+    from tessera.unimodal.protocol import AudioCodecLike, ImageCodecLike
+
+    assert isinstance(PatchMeanImageCodec(), ImageCodecLike) and isinstance(FrameLevelAudioCodec(), AudioCodecLike)
+    assert not isinstance(object(), ImageCodecLike)

@@ -8,12 +8,12 @@ import types
 
 import pytest
 import torch
-from fixtures import torchrun_argv
+from fixtures import run_torchrun, torchrun_argv
 
-from tessera.runtime import monitor
+from tessera.runtime import monitor, schedule
 from tessera.runtime.monitor import Progress, read_metrics
 from tessera.tokenizers import build_bundle
-from tessera.train import pretrain
+from tessera.train import init_from, pretrain
 from tessera.train.pretokenize import PretokenizeConfig, pretokenize
 
 WORDS = ["seven", "eight", "digit", "a", "the", "drawing", "of", "is", "what", "this"]
@@ -112,8 +112,10 @@ def test_a_time_budget_alone_sizes_the_schedule_and_ends_the_run(corpus, tmp_pat
             bars.append(self)
 
     monkeypatch.setattr(pretrain, "token_losses", counted)
-    monkeypatch.setattr(monitor, "time", types.SimpleNamespace(
-        monotonic=lambda: 0.05 * calls["n"], time=time.time, strftime=time.strftime, gmtime=time.gmtime))
+    clock = types.SimpleNamespace(monotonic=lambda: 0.05 * calls["n"], time=time.time, strftime=time.strftime,
+                                  gmtime=time.gmtime)
+    monkeypatch.setattr(monitor, "time", clock)
+    monkeypatch.setattr(schedule, "time", clock)
     monkeypatch.setattr(pretrain, "Progress", Bar)
     monkeypatch.setattr(pretrain, "DEFAULT_STEPS", 20, raising=False)
     run = tmp_path / "timed"
@@ -210,7 +212,7 @@ def test_code_embeddings_start_from_the_codecs_code_vectors(codec_bundle):
     model = Transformer(cfg)
     model.init_weights(seed=0)
     before = model.tok_embeddings.weight.detach().clone()
-    done = pretrain.init_code_embeddings(model, codec_bundle)
+    done = init_from.init_code_embeddings(model, codec_bundle)
     assert done == ["image"] + [f"audio.{q}" for q in range(tok.layout.audio_levels)]
     emb = model.tok_embeddings.weight.detach()
     text = tok.layout.ranges["text"]
@@ -261,11 +263,7 @@ def test_ema_decay_out_of_range_is_refused(corpus, tmp_path, capsys):
 
 
 def _torchrun(corpus, out, *extra):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [*torchrun_argv(2),
-           "-m", "tessera.train.pretrain", *args(corpus, out, *extra)]
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
+    run_torchrun(["tessera.train.pretrain", *args(corpus, out, *extra)], timeout=300)
 
 
 def test_fsdp_starts_from_the_weights_ddp_starts_from_and_trains_alike(corpus, tmp_path):

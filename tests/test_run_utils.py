@@ -1,15 +1,20 @@
 import itertools
 import json
-import os
+from dataclasses import dataclass, field
 
 import pytest
 import torch
 
 from tessera.config import ConfigError, apply_overrides, from_dict, to_dict
-from tessera.runtime.checkpoint import (CheckpointManager, capture_rng, flatten_optimizer_state, restore_rng,
-                                      unflatten_optimizer_state)
-from tessera.runtime.monitor import MetricsLogger, Progress, RunBudget, read_metrics, wsd_factor
-from dataclasses import dataclass, field
+from tessera.runtime.checkpoint import (
+    CheckpointManager,
+    capture_rng,
+    flatten_optimizer_state,
+    restore_rng,
+    unflatten_optimizer_state,
+)
+from tessera.runtime.monitor import MetricsLogger, Progress, read_metrics
+from tessera.runtime.schedule import RunBudget, lr_factor
 
 
 @dataclass
@@ -105,11 +110,26 @@ def test_budget_fraction_and_warmup_stable_decay():
     assert b.fraction(0) == 0.0 and b.fraction(50) == 0.5 and b.fraction(250) == 1.0
     assert RunBudget(handle_signals=False).fraction(10**6) == 0.0  # unbounded: never cools down
     assert RunBudget(max_minutes=1, handle_signals=False).fraction(1) == 0.0  # no plan measured yet
-    # warmup over 10 steps, flat, then linear to 0 over the last 30%
-    assert wsd_factor(0, 0.0, 10, 0.3) == pytest.approx(0.1)
-    assert wsd_factor(50, 0.5, 10, 0.3) == 1.0 and wsd_factor(50, 0.7, 10, 0.3) == pytest.approx(1.0)
-    assert wsd_factor(85, 0.85, 10, 0.3) == pytest.approx(0.5) and wsd_factor(100, 1.0, 10, 0.3) == 0.0
-    assert wsd_factor(100, 1.0, 10, 0.0) == 1.0  # cooldown 0: no decay
+    # wsd: warmup over 10 steps, flat, then linear to 0 over the last 30% (the codecs' cooldown)
+    wsd = lambda step, frac, decay=0.3: lr_factor(step, frac, 10, "wsd", decay_fraction=decay)
+    assert wsd(0, 0.0) == pytest.approx(0.1)
+    assert wsd(50, 0.5) == 1.0 and wsd(50, 0.7) == pytest.approx(1.0)
+    assert wsd(85, 0.85) == pytest.approx(0.5) and wsd(100, 1.0) == 0.0
+    assert wsd(100, 1.0, decay=0.0) == 1.0  # cooldown 0: no decay
+
+
+def test_lr_schedules_decay_to_their_floor_as_the_plan_runs_out():
+    """The decoder's schedules: cosine and WSD end at min_ratio, constant does not decay, warmup multiplies."""
+    cos = lambda step, frac: lr_factor(step, frac, 10, "cosine", min_ratio=0.1)
+    assert cos(0, 0.0) == pytest.approx(0.1) and cos(10, 0.0) == 1.0
+    assert cos(50, 0.5) == pytest.approx(0.55) and cos(100, 1.0) == pytest.approx(0.1)
+    wsd = lambda frac: lr_factor(100, frac, 10, "wsd", min_ratio=0.1, decay_fraction=0.2)
+    assert wsd(0.7) == 1.0 and wsd(0.9) == pytest.approx(0.55) and wsd(1.0) == pytest.approx(0.1)
+    assert lr_factor(4, 1.0, 10, "constant") == pytest.approx(0.5) and lr_factor(40, 1.0, 10, "constant") == 1.0
+    # the learnability prior's linear decay over its whole run, no warmup
+    assert [lr_factor(s, s / 4, 0, "wsd", decay_fraction=1.0) for s in range(4)] == [1.0, 0.75, 0.5, 0.25]
+    with pytest.raises(ValueError, match="unknown lr schedule 'linear'"):
+        lr_factor(0, 0.0, 1, "linear")
 
 
 class FakeClock:

@@ -12,17 +12,22 @@ on the originals but only 74% on Opus at 6 kbps: it would judge the coloration, 
 
     judge = SpeechDigitJudge.from_corpus("corpus/")
     judge.accuracy(waves, labels, sample_rate=16000)   # waves: list of 1-D arrays
+
+`CorpusJudge` is a digits judge together with its corpus's labels, trained when first used: what the codec
+evaluations take (`tessera.unimodal.protocol.MediaJudge`) when `--digits-corpus` is given.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
 
 from tessera.errors import TesseraError
 from tessera.storage import read_json
+from tessera.unimodal.protocol import judge_accuracy
 
 JUDGE_RATE = 16000
 
@@ -101,7 +106,7 @@ class SpeechDigitJudge:
         return self.model.predict(self._matrix(waves, sample_rate))
 
     def accuracy(self, waves, labels, sample_rate: int = JUDGE_RATE) -> float:
-        return float((self.predict(waves, sample_rate) == np.asarray(labels)).mean())
+        return judge_accuracy(self, waves, labels, sample_rate=sample_rate)
 
     @classmethod
     def from_corpus(cls, corpus: str | Path, **kwargs) -> SpeechDigitJudge:
@@ -166,7 +171,7 @@ class ImageDigitJudge:
         return self.model.predict(np.stack([self.features(im) for im in images]))
 
     def accuracy(self, images, labels) -> float:
-        return float((self.predict(images) == np.asarray(labels)).mean())
+        return judge_accuracy(self, images, labels)
 
     @staticmethod
     def _load(pairs):
@@ -184,3 +189,30 @@ class ImageDigitJudge:
         """Accuracy on the corpus's real held-out images."""
         images, labels = self._load(corpus_images(corpus, "test"))
         return self.accuracy(images, labels)
+
+
+class CorpusJudge:
+    """The digits corpus's image or speech judge with the corpus's labels (`MediaJudge`): `label` looks a file
+    up in meta.json (both splits); the judge is trained on the real training files when it first predicts."""
+
+    JUDGES: ClassVar[dict] = {"images": ImageDigitJudge, "speech": SpeechDigitJudge}
+
+    def __init__(self, corpus: str | Path, kind: str):
+        if kind not in self.JUDGES:
+            raise ValueError(f"kind must be images or speech, got {kind!r}")
+        self.corpus, self.kind = corpus, kind
+        self.source = f"{corpus}/meta.json"
+        self.labels = {p.resolve(): label for p, label in corpus_split(corpus, kind, "train")}
+        try:
+            self.labels.update({p.resolve(): label for p, label in corpus_split(corpus, kind, "test")})
+        except JudgeError:  # a corpus without a test split still labels its training files
+            pass
+        self._judge = None
+
+    def label(self, path: str | Path) -> int | None:
+        return self.labels.get(Path(path).resolve())
+
+    def predict(self, media, **kwargs) -> np.ndarray:
+        if self._judge is None:
+            self._judge = self.JUDGES[self.kind].from_corpus(self.corpus)
+        return self._judge.predict(media, **kwargs)

@@ -61,7 +61,7 @@ def build_bundle(
     chat_template: dict | None = None,
     force: bool = False,
 ) -> dict:
-    """Assemble a bundle from a text codec directory and optional image/audio codec directories.
+    """Assemble a bundle from a text tokenizer directory and optional image/audio codec directories.
 
     `audio_levels` keeps only the first K residual levels of the audio codec in the vocabulary (default:
     all of them): a codec trained with quantizer dropout decodes from any prefix of its levels, so one codec
@@ -162,10 +162,6 @@ def read_bundle_spec(bundle: str | Path) -> dict:
     if spec.get("hash") != _bundle_hash(spec):
         raise BundleError(f"{path}: the stored hash does not match the contents; the file was edited or corrupted")
     return spec
-
-
-def bundle_layout(bundle: str | Path) -> VocabLayout:
-    return VocabLayout.from_dict(read_bundle_spec(bundle)["layout"])
 
 
 def load_bundle(bundle: str | Path, device=None, verify: bool = True) -> MultimodalTokenizer:

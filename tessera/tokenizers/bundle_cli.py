@@ -10,7 +10,7 @@ from tessera.tokenizers.layout import DEFAULT_MAX_GRID, DEFAULT_RESERVED, VocabL
 
 
 def add_build_arguments(p) -> None:
-    p.add_argument("--text", required=True, metavar="DIR", help="text codec directory (tessera tokenizer train text)")
+    p.add_argument("--text", required=True, metavar="DIR", help="text tokenizer directory (tessera tokenizer train text)")
     p.add_argument("--image", metavar="DIR", help="image codec directory")
     p.add_argument("--audio", metavar="DIR", help="audio codec directory")
     p.add_argument("--out", required=True, metavar="BUNDLE")

@@ -39,7 +39,7 @@ from tessera.errors import TesseraError
 from tessera.tokenizers.chat import DEFAULT_CHAT, ChatTemplate
 from tessera.tokenizers.layout import VocabLayout
 from tessera.unimodal.media import Audio, audio_to_tensor, pil_to_tensor, tensor_to_pil, to_rgb
-from tessera.unimodal.protocol import fit_image_size
+from tessera.unimodal.protocol import AudioCodecLike, ImageCodecLike, fit_image_size
 from tessera.unimodal.text import TextTokenizer
 
 
@@ -97,8 +97,8 @@ class MultimodalTokenizer:
         self,
         layout: VocabLayout,
         text: TextTokenizer,
-        image_codec=None,
-        audio_codec=None,
+        image_codec: ImageCodecLike | None = None,
+        audio_codec: AudioCodecLike | None = None,
         *,
         bundle_hash: str | None = None,
         strict: bool = False,
@@ -127,12 +127,6 @@ class MultimodalTokenizer:
     @property
     def vocab_size(self) -> int:
         return self.layout.vocab_size
-
-    @classmethod
-    def load(cls, bundle_dir, device=None, verify: bool = True) -> "MultimodalTokenizer":
-        from tessera.tokenizers.bundle import load_bundle
-
-        return load_bundle(bundle_dir, device=device, verify=verify)
 
     def to(self, device) -> "MultimodalTokenizer":
         self.device = torch.device(device)

@@ -16,7 +16,7 @@ PATH is one of:
 The source's rows of the embedding and output tables are copied to the ids they stand for (an HF model's
 ids are the bundle's text ids; its vocabulary must be the size of the bundle's text range, unless
 `init_allow_vocab_mismatch`). Every other row is new: code rows start from the codecs' code vectors
-(`pretrain.init_code_embeddings`, when `code_embedding_init`), mapped to the per-dimension mean and spread of
+(`init_code_embeddings`, when `code_embedding_init`), mapped to the per-dimension mean and spread of
 the copied rows; the rest are drawn from that mean and spread. At step 0 the imported model's logits over
 its own vocabulary are the source's.
 
@@ -39,7 +39,7 @@ from tessera.config import ConfigError, apply_overrides, from_dict, to_dict
 from tessera.errors import TesseraError
 from tessera.model.transformer import ModelConfig, Transformer, model_preset
 from tessera.storage import load_tensors, read_json
-from tessera.tokenizers.bundle import read_bundle_spec
+from tessera.tokenizers.bundle import load_bundle, read_bundle_spec
 from tessera.tokenizers.layout import VocabLayout
 
 FREEZE_MODES = ("", "text_rows", "all_but_new_rows")
@@ -339,10 +339,41 @@ def frozen_rows(record: dict, layout: VocabLayout, freeze: str) -> list[int]:
 
 # ------------------------------------------------------------------------------------------ weights
 @torch.no_grad()
+def init_code_embeddings(model: Transformer, bundle: str | Path, seed: int = 0) -> list[str]:
+    """Start the embedding (and output) rows of image and audio codes from the codecs' own code vectors.
+
+    A code's id says nothing about which codes resemble it, but the codec knows: FSQ codes are points on a
+    grid, RVQ codes are learned vectors. Each range's vectors are standardized and mapped to the model width
+    by a fixed random projection, scaled to the init std. Codes that the codec places close together then
+    start close together, so the decoder generalizes across codes from far fewer examples; the rows stay
+    ordinary trainable parameters. Returns the ranges it initialized.
+    """
+    tok = load_bundle(bundle)
+    g = torch.Generator().manual_seed(seed)
+    std, dim = model.cfg.init_std, model.cfg.dim
+    done = []
+    for kind, codec in (("image", tok.image_codec), ("audio", tok.audio_codec)):
+        if codec is None or not hasattr(codec, "code_vectors"):
+            continue
+        vecs = codec.code_vectors().float().cpu()  # (levels, K, d)
+        for q in range(vecs.shape[0] if kind == "image" else tok.layout.audio_levels):  # the levels in the vocabulary
+            v = vecs[q]
+            v = (v - v.mean(0)) / (v.std(0) + 1e-6)
+            proj = torch.randn(v.shape[1], dim, generator=g) / v.shape[1] ** 0.5
+            rows = v @ proj
+            rows = rows * (std / rows.std())
+            name = kind if kind == "image" else f"audio.{q}"
+            r = tok.layout.ranges[name]
+            model.tok_embeddings.weight[r.offset : r.end] = rows.to(model.tok_embeddings.weight)
+            if not model.cfg.tie_embeddings:
+                model.output.weight[r.offset : r.end] = rows.to(model.output.weight)
+            done.append(name)
+    return done
+
+
+@torch.no_grad()
 def initialize(model: Transformer, record: dict, bundle: str | Path, tcfg, log=None) -> None:
     """Fill a freshly built model (already `init_weights(seed)`) from the source in `record`."""
-    from tessera.train.pretrain import init_code_embeddings
-
     src = open_source(record["path"])
     sd = load_source_weights(src)
     cfg = model.cfg

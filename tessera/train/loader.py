@@ -27,7 +27,7 @@ along, the first window no rank has taken, so no window is repeated or skipped (
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch

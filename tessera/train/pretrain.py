@@ -22,6 +22,8 @@ tokens/s, MFU, the planned steps. A step whose loss or gradient is NaN/Inf is sk
 One run at a time writes a run directory: rank 0 holds an exclusive lock on `OUT/.lock` while it runs, and
 a second run into the same `--out` is refused. `--resume` restores every rank's loader state and refuses
 `--data` other than the run's; a new run does not replace an earlier run's metrics without `--force`.
+The launch mode is each invocation's own: a run trained with `--fsdp` resumes in one process or under DDP,
+and the reverse (the checkpoints hold full, unsharded state).
 
 The LR schedule's length is `steps` when set; otherwise the budget's plan (`RunBudget`): `--max-steps`, or
 with `--max-minutes` the steps that fit in the time at the measured throughput (the smaller, with both), so
@@ -66,7 +68,8 @@ from tessera.runtime.distributed import (
     destroy_distributed,
     init_distributed,
 )
-from tessera.runtime.monitor import DEFAULT_STEPS, MetricsLogger, Progress, RunBudget, add_budget_arguments
+from tessera.runtime.monitor import MetricsLogger, Progress
+from tessera.runtime.schedule import DEFAULT_STEPS, SCHEDULES, RunBudget, add_budget_arguments, lr_factor
 from tessera.storage import atomic_write_json, read_json, save_tensors
 from tessera.tokenizers.bundle import read_bundle_spec
 from tessera.tokenizers.layout import MODALITIES, VocabLayout
@@ -144,8 +147,8 @@ class TrainConfig:
             self.compile = "on" if str(self.compile).lower() == "true" else "off"
         if self.compile not in ("auto", "on", "off"):
             raise ConfigError(f"compile must be auto, on or off, got {self.compile!r}")
-        if self.schedule not in ("cosine", "wsd", "constant"):
-            raise ConfigError(f"schedule must be cosine, wsd or constant, got {self.schedule!r}")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"schedule must be {', '.join(SCHEDULES)}, got {self.schedule!r}")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise ConfigError(f"lr must be a finite number > 0, got {self.lr}")
         if self.freeze not in init_from.FREEZE_MODES:
@@ -156,23 +159,6 @@ class TrainConfig:
             if not 0 <= getattr(self, key) <= 1:
                 raise ConfigError(f"{key} must be in [0, 1], got {getattr(self, key)}")
         return self
-
-
-# --------------------------------------------------------------------------------------------- loss
-def lr_at(step: int, frac: float, warmup: int, cfg: TrainConfig) -> float:
-    """The lr after `step` steps, `frac` of the way through the schedule (`RunBudget.fraction`): a linear
-    warmup over `warmup` steps times a cosine or WSD decay to `min_lr_ratio` by `frac` (or none, constant).
-    The decay is a function of `frac`, not of the step, so it follows a re-planned run continuously."""
-    warm = min(1.0, (step + 1) / max(1, warmup))
-    if cfg.schedule == "constant":
-        return cfg.lr * warm
-    lo = cfg.lr * cfg.min_lr_ratio
-    if cfg.schedule == "cosine":
-        return warm * (lo + (cfg.lr - lo) * 0.5 * (1 + math.cos(math.pi * frac)))
-    if cfg.schedule == "wsd":
-        p = min(1.0, max(0.0, (frac - 1 + cfg.decay_fraction) / max(1e-9, cfg.decay_fraction)))
-        return warm * (cfg.lr + (lo - cfg.lr) * p)
-    raise ConfigError(f"unknown schedule {cfg.schedule!r}: cosine, wsd or constant")
 
 
 # A run shorter than this is not worth compiling: on a 2-core CPU, compiling the demo decoder's blocks and
@@ -227,41 +213,6 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.devi
         (no_decay if p.dim() < 2 or "tok_embeddings" in name else decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8, fused=True)
-
-
-@torch.no_grad()
-def init_code_embeddings(model: Transformer, bundle: str | Path, seed: int = 0) -> list[str]:
-    """Start the embedding (and output) rows of image and audio codes from the codecs' own code vectors.
-
-    A code's id says nothing about which codes resemble it, but the codec knows: FSQ codes are points on a
-    grid, RVQ codes are learned vectors. Each range's vectors are standardized and mapped to the model width
-    by a fixed random projection, scaled to the init std. Codes that the codec places close together then
-    start close together, so the decoder generalizes across codes from far fewer examples; the rows stay
-    ordinary trainable parameters. Returns the ranges it initialized.
-    """
-    from tessera.tokenizers.bundle import load_bundle
-
-    tok = load_bundle(bundle)
-    g = torch.Generator().manual_seed(seed)
-    std, dim = model.cfg.init_std, model.cfg.dim
-    done = []
-    for kind, codec in (("image", tok.image_codec), ("audio", tok.audio_codec)):
-        if codec is None or not hasattr(codec, "code_vectors"):
-            continue
-        vecs = codec.code_vectors().float().cpu()  # (levels, K, d)
-        for q in range(vecs.shape[0] if kind == "image" else tok.layout.audio_levels):  # the levels in the vocabulary
-            v = vecs[q]
-            v = (v - v.mean(0)) / (v.std(0) + 1e-6)
-            proj = torch.randn(v.shape[1], dim, generator=g) / v.shape[1] ** 0.5
-            rows = v @ proj
-            rows = rows * (std / rows.std())
-            name = kind if kind == "image" else f"audio.{q}"
-            r = tok.layout.ranges[name]
-            model.tok_embeddings.weight[r.offset : r.end] = rows.to(model.tok_embeddings.weight)
-            if not model.cfg.tie_embeddings:
-                model.output.weight[r.offset : r.end] = rows.to(model.output.weight)
-            done.append(name)
-    return done
 
 
 # ---------------------------------------------------------------------------------------------- setup
@@ -350,8 +301,15 @@ def prepare_run(args, env) -> tuple[ModelConfig, TrainConfig, dict, bool, dict |
             except ValueError as e:
                 raise ConfigError(str(e)) from None
     tcfg.validate()
+    if resuming and not any(item.split("=", 1)[0].strip() == "fsdp" for item in train_over):
+        # How a run was launched does not carry over: its checkpoints hold full state dicts, which load in one
+        # process, under DDP or under FSDP2 alike.
+        tcfg.fsdp = False
     if args.fsdp:
         tcfg.fsdp = True
+    if tcfg.fsdp and not env.is_distributed:
+        raise ConfigError("FSDP2 shards over several processes: launch with torchrun --nproc_per_node=N, or leave "
+                          "out --fsdp")
     init_from.check(tcfg, init, layout, resumed_freeze)
     if args.compile:
         tcfg.compile = args.compile
@@ -380,10 +338,6 @@ def write_run_files(out: Path, mcfg: ModelConfig, tcfg: TrainConfig, spec: dict,
         "eval_data": str(Path(args.eval_data).resolve()) if args.eval_data else None,
         **({"init_from": init} if init else {}),
     })
-
-
-def save_inference_weights(out: Path, model) -> None:
-    save_tensors(out / "model.safetensors", full_model_state(model), metadata={"format": "pt"})
 
 
 def restore_loader(loader: PackedLoader, state: dict, env, tcfg: TrainConfig) -> None:
@@ -473,7 +427,7 @@ def _train_locked(args, env) -> dict:
         if init and not resuming:  # weights of another run or an HF model; its new rows as below, rescaled
             init_from.initialize(m, init, args.tokenizer, tcfg, log=print if env.is_main else None)
         elif tcfg.code_embedding_init and not resuming:
-            inited = init_code_embeddings(m, args.tokenizer, tcfg.seed)
+            inited = init_from.init_code_embeddings(m, args.tokenizer, tcfg.seed)
             if inited and env.is_main:
                 print(f"[tessera] code embeddings initialized from codec code vectors: {', '.join(inited)}")
         return m
@@ -543,9 +497,11 @@ def _train_locked(args, env) -> dict:
     def set_lr() -> None:
         """The lr of the next step: a fixed `steps` schedule, or one sized to the budget's plan."""
         if tcfg.steps:
-            lr = lr_at(step, step / tcfg.steps, tcfg.warmup_steps, tcfg)
+            frac, warmup = step / tcfg.steps, tcfg.warmup_steps
         else:
-            lr = lr_at(step, budget.fraction(step), budget.warmup(tcfg.warmup_steps), tcfg)
+            frac, warmup = budget.fraction(step), budget.warmup(tcfg.warmup_steps)
+        lr = tcfg.lr * lr_factor(step, frac, warmup, tcfg.schedule, min_ratio=tcfg.min_lr_ratio,
+                                 decay_fraction=tcfg.decay_fraction)
         for g in optimizer.param_groups:
             g["lr"] = lr
 

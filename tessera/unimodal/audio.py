@@ -38,9 +38,8 @@ from torch.nn.utils.parametrizations import weight_norm
 from tessera.config import ConfigError, from_dict, preset, to_dict
 from tessera.errors import TesseraError
 from tessera.storage import atomic_write_json, load_tensors, save_tensors
-from tessera.unimodal import CODEC_FORMAT, CODEC_VERSION, CodecError, read_codec_meta
 from tessera.unimodal.media import MediaError
-from tessera.unimodal.protocol import CodecInfo
+from tessera.unimodal.protocol import CODEC_FORMAT, CODEC_VERSION, CodecError, CodecInfo, read_codec_meta
 
 
 # ------------------------------------------------------------------------------------------------ config
@@ -473,10 +472,6 @@ class AudioCodec:
         i = self.info
         return (f"AudioCodec({i.sample_rate} Hz, hop {i.downsample} ({i.frame_rate:g} frames/s), "
                 f"{i.levels} x {i.codebook_size} codes, {self.config.quantizer})")
-
-
-def load_audio_codec(path, device="cpu") -> AudioCodec:
-    return AudioCodec.load(path, device=device)
 
 
 class AudioCodecError(TesseraError):

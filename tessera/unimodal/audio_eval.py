@@ -13,8 +13,9 @@ Metrics, each over the same clips for the codec and for Opus:
 - `kbps`: the codec's bitrate, frames/s * levels * log2(codebook size); for Opus the bitrate asked of the
   encoder, with `kbps_file` the bitrate of the Ogg files including their headers (large for short clips).
 - `tokens_per_second`, `codebook_usage` (the fraction of each level's codes used on these clips), `n_clips`.
-- with `--digits-corpus`: a speech-digit judge trained on the corpus's real training clips classifies the
-  originals and the reconstructions (`judge`: accuracies and their ratio).
+- with a judge (a `MediaJudge`; on the command line `--digits-corpus`, the digits corpus's speech-digit
+  judge trained on its real training clips): the judge classifies the originals and the reconstructions
+  (`judge`: accuracies and their ratio).
 
 Opus runs through libsndfile (soundfile, Ogg/Opus; its compression level maps linearly onto 6..256 kbps),
 or through ffmpeg when libsndfile lacks Opus.
@@ -36,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from tessera.unimodal.media import MediaError, SkipLog, list_media, load_audio
+from tessera.unimodal.protocol import MediaJudge, judge_accuracy
 
 MEL_WINDOWS = (64, 128, 256, 512, 1024, 2048)
 MEL_BINS = (8, 16, 32, 64, 128, 128)
@@ -255,8 +257,9 @@ def reconstruct_clips(codec, clips: list[np.ndarray], n_q: int | None = None,
 
 
 def evaluate_codec(codec, clips: list[np.ndarray], *, n_q: int | None = None, opus_kbps=OPUS_KBPS,
-                   intelligibility: bool = True, labels=None, judge=None) -> dict:
-    """The metrics of the module docstring, as one dict (the `--json` output)."""
+                   intelligibility: bool = True, labels=None, judge: MediaJudge | None = None) -> dict:
+    """The metrics of the module docstring, as one dict (the `--json` output); with a `judge` and the clips'
+    `labels`, its accuracy on the originals, the reconstructions and the Opus round trips."""
     info = codec.info
     sr = info.sample_rate
     k = n_q or info.levels
@@ -274,8 +277,8 @@ def evaluate_codec(codec, clips: list[np.ndarray], *, n_q: int | None = None, op
         "seconds": round(sum(len(c) for c in clips) / sr, 2),
     })
     if judge is not None and labels is not None:
-        acc_o = judge.accuracy(clips, labels, sr)
-        acc_r = judge.accuracy(recon, labels, sr)
+        acc_o = judge_accuracy(judge, clips, labels, sample_rate=sr)
+        acc_r = judge_accuracy(judge, recon, labels, sample_rate=sr)
         result["judge"] = {"accuracy_original": round(acc_o, 4), "accuracy_reconstructed": round(acc_r, 4),
                            "ratio": round(acc_r / acc_o, 4) if acc_o else None}
     backend = opus_available() if opus_kbps else None
@@ -290,7 +293,7 @@ def evaluate_codec(codec, clips: list[np.ndarray], *, n_q: int | None = None, op
                **score_pairs(clips, ys, sr, mel, intelligibility), "backend": backend}
         row.setdefault("stoi", None)
         if judge is not None and labels is not None:
-            row["judge_accuracy"] = round(judge.accuracy(ys, labels, sr), 4)
+            row["judge_accuracy"] = round(judge_accuracy(judge, ys, labels, sample_rate=sr), 4)
         result["opus"].append(row)
     if opus_kbps and backend is None:
         result["opus_note"] = "Opus unavailable: libsndfile has no Ogg/Opus and ffmpeg is not installed"
@@ -307,9 +310,6 @@ def add_eval_arguments(p) -> None:
     p.add_argument("--max-seconds", type=float, default=30.0, help="use at most this much of each clip")
     p.add_argument("--opus-kbps", default=",".join(f"{k:g}" for k in OPUS_KBPS),
                    help="Opus bitrates to compare with, comma-separated ('' for none)")
-    p.add_argument("--digits-corpus", default=None,
-                   help="a digits corpus: train its speech judge on the real training clips and report its "
-                        "accuracy on the originals and on the reconstructions (labels from meta.json)")
     p.add_argument("--prior-data", default=None, metavar="DIR_OR_JSONL",
                    help="training clips: report the codes' learnability (a small code prior trained on their "
                         "codes, scored on --data's codes; see tessera.unimodal.learnability)")
@@ -323,23 +323,15 @@ def frame_sequence(codes, codebook_size: int) -> np.ndarray:
     return (c + codebook_size * np.arange(c.shape[0])[:, None]).T.reshape(-1)
 
 
-def _labels_for(paths: list[Path], corpus) -> list[int]:
-    from tessera.eval.judges import JudgeError, corpus_speech
-
-    table = {}
-    for split in ("train", "test"):
-        try:
-            table.update({p.resolve(): lab for p, lab in corpus_speech(corpus, split)})
-        except JudgeError:
-            if split == "train":
-                raise
-    missing = [p for p in paths if p.resolve() not in table]
+def _labels_for(paths: list[Path], judge: MediaJudge) -> list[int]:
+    labels = [judge.label(p) for p in paths]
+    missing = [p for p, label in zip(paths, labels) if label is None]
     if missing:
-        raise MediaError("unlabelled", f"{missing[0]} (and {len(missing) - 1} more) are not in {corpus}/meta.json")
-    return [table[p.resolve()] for p in paths]
+        raise MediaError("unlabelled", f"{missing[0]} (and {len(missing) - 1} more) are not in {judge.source}")
+    return labels
 
 
-def run_eval(args) -> int:
+def run_eval(args, judge: MediaJudge | None = None) -> int:
     from tessera.unimodal.audio import AudioCodec, AudioCodecError
 
     codec = AudioCodec.load(args.codec, device=args.device)
@@ -351,12 +343,7 @@ def run_eval(args) -> int:
     if args.n_q is not None and not 1 <= args.n_q <= codec.info.levels:
         raise AudioCodecError(f"--n-q must be between 1 and {codec.info.levels}")
     kbps = [float(x) for x in str(args.opus_kbps).split(",") if x.strip()]
-    judge = labels = None
-    if args.digits_corpus:
-        from tessera.eval.judges import SpeechDigitJudge
-
-        labels = _labels_for(paths, args.digits_corpus)
-        judge = SpeechDigitJudge.from_corpus(args.digits_corpus)
+    labels = _labels_for(paths, judge) if judge is not None else None
     result = evaluate_codec(codec, clips, n_q=args.n_q, opus_kbps=kbps, labels=labels, judge=judge)
     result["skipped"] = skips.to_dict()
     if args.prior_data:

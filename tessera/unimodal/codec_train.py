@@ -14,7 +14,7 @@ trainer (`tessera.train.pretrain`) does:
 - Optimizers: AdamW for the codec (and, when the recipe builds one, the discriminator); the lr warms up
   linearly and cools down linearly to 0 over the last `cooldown` fraction of the planned steps
   (`RunBudget`: `--max-steps`, the steps that fit in `--max-minutes`, or with neither
-  `monitor.DEFAULT_STEPS`, as for the decoder; a resumed run without bounds continues its checkpoint's
+  `schedule.DEFAULT_STEPS`, as for the decoder; a resumed run without bounds continues its checkpoint's
   plan).
 - `dtype`: auto (bf16 autocast on a GPU that supports it, fp32 elsewhere), bf16 or fp32.
 - DDP: the codec and the discriminator are wrapped separately with `broadcast_buffers=False` (the VQ
@@ -43,8 +43,7 @@ from torch import nn
 from tessera.config import ConfigError, apply_overrides, from_dict, preset, to_dict
 from tessera.config import split_overrides as _split_overrides
 from tessera.errors import TesseraError
-from tessera.storage import atomic_write_json
-from tessera.runtime import monitor
+from tessera.runtime import schedule
 from tessera.runtime.checkpoint import (
     CheckpointManager,
     capture_rng,
@@ -61,7 +60,9 @@ from tessera.runtime.distributed import (
     init_distributed,
     seed_everything,
 )
-from tessera.runtime.monitor import MetricsLogger, Progress, RunBudget, wsd_factor
+from tessera.runtime.monitor import MetricsLogger, Progress
+from tessera.runtime.schedule import RunBudget, add_budget_arguments, lr_factor
+from tessera.storage import atomic_write_json
 
 DTYPES = ("auto", "bf16", "fp32")
 # Training keys renamed when the two codec trainers were joined: old name -> (new name, old value -> new value)
@@ -369,21 +370,21 @@ class CodecRun:
                 self.d_model = DDP(self.disc, device_ids=ids, broadcast_buffers=False)
 
         # the budget: --max-steps, --max-minutes, or the resumed run's plan, or DEFAULT_STEPS
-        schedule = st.get("schedule")
+        plan = st.get("schedule")
         if max_steps is None and max_minutes is None:
-            max_steps = (schedule or {}).get("planned_steps") or monitor.DEFAULT_STEPS
+            max_steps = (plan or {}).get("planned_steps") or schedule.DEFAULT_STEPS
             self.log(f"no --max-steps or --max-minutes: {max_steps} steps"
-                     + (" (the resumed run's plan)" if schedule and schedule.get("planned_steps") else ""))
+                     + (" (the resumed run's plan)" if plan and plan.get("planned_steps") else ""))
         self.budget = RunBudget(max_steps=max_steps, max_minutes=max_minutes, start_step=self.start_step)
-        if schedule:
-            planned = schedule.get("planned_steps")
+        if plan:
+            planned = plan.get("planned_steps")
             finished = planned is not None and self.start_step >= planned
             if finished and (max_minutes is not None or (max_steps is not None and max_steps > planned)):
                 # The schedule has cooled the lr down to 0: continuing it would train nothing, so a longer run
                 # plans a new one (over --max-steps from step 0, or over the steps that fit in --max-minutes).
                 self.log(f"the run's lr schedule ended at step {planned}; this run plans a new one")
             else:
-                self.budget.load_state_dict(schedule, self.start_step)  # continue the interrupted plan
+                self.budget.load_state_dict(plan, self.start_step)  # continue the interrupted plan
         self.metrics = MetricsLogger(out, enabled=self.main, resume_step=self.start_step if self.resumed else None)
 
     # -------------------------------------------------------------------------------------------- helpers
@@ -456,7 +457,8 @@ class CodecRun:
         stop_error = None
         while not budget.should_stop(step):
             n = step + 1  # the step being taken
-            lr_f = wsd_factor(step, budget.fraction(step), budget.warmup(tcfg.warmup_steps), tcfg.cooldown)
+            lr_f = lr_factor(step, budget.fraction(step), budget.warmup(tcfg.warmup_steps), "wsd",
+                             decay_fraction=tcfg.cooldown)
             for g in self.opt.param_groups:
                 g["lr"] = tcfg.lr * lr_f
             if self.opt_d is not None:
@@ -579,8 +581,6 @@ def train_codec(recipe: CodecRecipe, out, *, preset_name: str | None = None, ove
 
 def add_codec_train_arguments(p, *, data_help: str, eval_help: str, preset_help: str, set_help: str) -> None:
     """The flags both `tessera tokenizer train image|audio` take."""
-    from tessera.runtime.monitor import add_budget_arguments
-
     p.add_argument("--data", required=True, metavar="DIR_OR_JSONL", help=data_help)
     p.add_argument("--out", required=True, help="output codec directory (also checkpoints, metrics, samples)")
     p.add_argument("--preset", default=None, help=preset_help + " (default: tiny; on --resume: the run's)")

@@ -29,7 +29,6 @@ works on [-1, 1]. Codes are int64 (B, H/f, W/f), row-major like the vocabulary's
 from __future__ import annotations
 
 import contextlib
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,9 +41,8 @@ from PIL import Image
 from tessera.config import ConfigError, from_dict, preset, to_dict
 from tessera.errors import TesseraError
 from tessera.storage import atomic_write_json, load_tensors, save_tensors
-from tessera.unimodal import CODEC_FORMAT, CODEC_VERSION, CodecError, read_codec_meta
 from tessera.unimodal.media import pil_to_tensor
-from tessera.unimodal.protocol import CodecInfo
+from tessera.unimodal.protocol import CODEC_FORMAT, CODEC_VERSION, CodecError, CodecInfo, read_codec_meta
 
 
 class ImageSizeError(TesseraError):
@@ -432,7 +430,3 @@ class ImageCodec(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-
-def code_bits(codebook_size: int) -> float:
-    """Bits per code of a flat code stream (no entropy coding)."""
-    return math.log2(codebook_size)

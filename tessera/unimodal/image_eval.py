@@ -14,6 +14,8 @@ prints one JSON object:
 - bpp of the codec is the flat code stream: log2(codebook size) bits per code, times the codes, over the
   pixels (no entropy coding). bpp of JPEG is the size of the whole file Pillow writes (headers included,
   Huffman tables optimized), so at 32 px JPEG's fixed header of a few hundred bytes dominates its rate.
+- With a judge (a `MediaJudge`; on the command line `--digits-corpus`, the digits corpus's image judge):
+  its accuracy on the originals and on the reconstructions (`judge`), the ceiling of generated images.
 - Images are resized (shorter side) and center-cropped to `--size` (default: the codec's default size);
   `--native` keeps each image's aspect ratio instead, resized to multiples of f up to the codec's max size.
 """
@@ -34,7 +36,7 @@ from tessera.errors import TesseraError
 from tessera.unimodal.image_data import load_checked, resize_center_crop, to_uint8_tensor
 from tessera.unimodal.losses import psnr, ssim
 from tessera.unimodal.media import DEFAULT_MAX_PIXELS, MediaError, SkipLog, list_media
-from tessera.unimodal.protocol import fit_image_size
+from tessera.unimodal.protocol import MediaJudge, fit_image_size, judge_accuracy
 
 JPEG_QUALITIES = (1, 5, 10, 25)
 
@@ -158,9 +160,6 @@ def add_eval_arguments(p) -> None:
                    help="training images: report the codes' learnability (a small code prior trained on their "
                         "codes, scored on --data's codes; see tessera.unimodal.learnability)")
     p.add_argument("--prior-steps", type=int, default=300, help="training steps of the learnability prior")
-    p.add_argument("--digits-corpus", default=None,
-                   help="a digits corpus: train its image judge on the real training images and report its "
-                        "accuracy on the originals and on the reconstructions (the ceiling of generated images)")
 
 
 def _load_images(files, codec, args, skips: SkipLog) -> list[torch.Tensor]:
@@ -200,28 +199,24 @@ def encode_grids(codec, images: list[torch.Tensor], batch_size: int = 64) -> lis
 
 
 @torch.no_grad()
-def judge_ceiling(codec, images: list[torch.Tensor], grids: list[torch.Tensor], files, corpus) -> dict:
-    """The digits image judge's accuracy on the originals and on the codec's reconstructions (decoded from
-    `grids`, the images' codes)."""
-    from tessera.eval.judges import ImageDigitJudge, corpus_images
-
-    table = {}
-    for split in ("train", "test"):
-        table.update({p.resolve(): lab for p, lab in corpus_images(corpus, split)})
-    keep = [i for i, f in enumerate(files) if Path(f).resolve() in table]
+def judge_ceiling(codec, images: list[torch.Tensor], grids: list[torch.Tensor], files, judge: MediaJudge) -> dict:
+    """The judge's accuracy on the originals and on the codec's reconstructions (decoded from `grids`, the
+    images' codes), over the images it has a label for."""
+    labels = [judge.label(f) for f in files]
+    keep = [i for i, label in enumerate(labels) if label is not None]
     if not keep:
-        raise TesseraError(f"none of the evaluated images is in {corpus}/meta.json")
-    labels = [table[Path(files[i]).resolve()] for i in keep]
-    judge = ImageDigitJudge.from_corpus(corpus)
+        raise TesseraError(f"none of the evaluated images is in {judge.source}")
+    labels = [labels[i] for i in keep]
     to_pil = lambda x: Image.fromarray(x.permute(1, 2, 0).numpy(), mode="RGB")
     originals = [to_pil(images[i]) for i in keep]
     recon = [to_pil(to_uint8(codec.decode(grids[i][None]))[0].cpu()) for i in keep]
-    acc_o, acc_r = judge.accuracy(originals, labels), judge.accuracy(recon, labels)
+    acc_o, acc_r = judge_accuracy(judge, originals, labels), judge_accuracy(judge, recon, labels)
     return {"accuracy_original": round(acc_o, 4), "accuracy_reconstructed": round(acc_r, 4),
             "ratio": round(acc_r / acc_o, 4) if acc_o else None, "n": len(keep)}
 
 
-def evaluate_files(codec, files, args, skips: SkipLog) -> dict:
+def evaluate_files(codec, files, args, skips: SkipLog, judge: MediaJudge | None = None) -> dict:
+    """The `--json` result over `files`; with a `judge`, also its accuracy on originals and reconstructions."""
     files = files[: args.max_images]
     images = _load_images(files, codec, args, skips)
     if not images:
@@ -256,12 +251,12 @@ def evaluate_files(codec, files, args, skips: SkipLog) -> dict:
         "jpeg": [] if args.no_jpeg else evaluate_jpeg(images),
         "skipped": skips.to_dict()["counts"],
     }
-    digits_corpus, prior_data = getattr(args, "digits_corpus", None), getattr(args, "prior_data", None)
-    grids = encode_grids(codec, images) if digits_corpus or prior_data else None
-    if digits_corpus:
+    prior_data = getattr(args, "prior_data", None)
+    grids = encode_grids(codec, images) if judge is not None or prior_data else None
+    if judge is not None:
         if len(images) != len(files):
-            raise TesseraError("--digits-corpus needs every evaluated image to load")
-        result["judge"] = judge_ceiling(codec, images, grids, files, digits_corpus)
+            raise TesseraError(f"the judge ({judge.source}) needs every evaluated image to load")
+        result["judge"] = judge_ceiling(codec, images, grids, files, judge)
     if prior_data:
         from tessera.unimodal.learnability import code_learnability
 
@@ -296,7 +291,7 @@ def format_table(r: dict, codec_dir: str) -> str:
     return "\n".join(lines)
 
 
-def run_eval(args) -> int:
+def run_eval(args, judge: MediaJudge | None = None) -> int:
     from tessera.runtime.distributed import resolve_device
     from tessera.unimodal.image import ImageCodec
 
@@ -305,7 +300,7 @@ def run_eval(args) -> int:
     files = list_media(args.data, "image", skips)
     if not files:
         raise TesseraError(f"{args.data}: no image files found")
-    r = evaluate_files(codec, files, args, skips)
+    r = evaluate_files(codec, files, args, skips, judge)
     if args.json:
         print(json.dumps(r))
     else:

@@ -25,6 +25,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from tessera.runtime.schedule import lr_factor
+
 PRIOR_STEPS = 300
 PRIOR_SEQ_LEN = 128
 PRIOR_BATCH = 16
@@ -95,7 +97,7 @@ def code_learnability(train: Sequence[np.ndarray], heldout: Sequence[np.ndarray]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         for grp in opt.param_groups:  # linear decay: the estimate should not depend on where the lr stopped
-            grp["lr"] = lr * (1 - step / steps)
+            grp["lr"] = lr * lr_factor(step, step / steps, 0, "wsd", decay_fraction=1.0)
         opt.step()
     model.eval()
     train_ce = _stream_ce(model, tr[: len(te) * 4 + seq_len + 1], seq_len, bos)

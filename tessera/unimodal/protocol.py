@@ -9,14 +9,27 @@ A codec turns a tensor into integer codes and back, and states the facts the voc
 
 `ImageCodec` and `AudioCodec` implement it with neural nets; `tests/fixtures.py` implements it with
 arithmetic, so the span logic can be tested without training anything.
+
+A codec directory holds `codec.json` (format, version, kind, `CodecInfo`, the codec's config) and
+`model.safetensors`; `read_codec_meta` checks one without loading weights.
+
+A codec evaluation may also take a `MediaJudge`: a classifier whose accuracy on the reconstructions, next to
+its accuracy on the originals, says how much of what matters a codec keeps. The evaluations take the judge
+as an argument; the command line builds one (the digits judges of `tessera.eval.judges`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Protocol, runtime_checkable
 
+import numpy as np
 import torch
+
+from tessera.errors import TesseraError
+from tessera.storage import read_json
 
 
 @dataclass(frozen=True)
@@ -63,6 +76,55 @@ class AudioCodecLike(Protocol):
     def encode(self, waveform: torch.Tensor, sample_rate: int) -> torch.Tensor: ...
 
     def decode(self, codes: torch.Tensor, n_q: int | None = None) -> torch.Tensor: ...
+
+
+CODEC_FORMAT = "tessera-codec"
+CODEC_VERSION = 1
+CODEC_FILES = ("codec.json", "model.safetensors")
+
+
+class CodecError(TesseraError):
+    """A codec directory that is missing or inconsistent."""
+
+
+def read_codec_meta(path: str | Path) -> dict:
+    p = Path(path) / "codec.json"
+    if not p.is_file():
+        raise CodecError(f"{path} is not a codec directory: {p} is missing")
+    meta = read_json(p)
+    if meta.get("format") != CODEC_FORMAT:
+        raise CodecError(f"{p}: format is {meta.get('format')!r}, expected {CODEC_FORMAT!r}")
+    if meta.get("version") != CODEC_VERSION:
+        raise CodecError(f"{p}: codec version {meta.get('version')} is not supported (expected {CODEC_VERSION})")
+    if meta.get("kind") not in ("image", "audio"):
+        raise CodecError(f"{p}: unknown codec kind {meta.get('kind')!r}")
+    if not (Path(path) / "model.safetensors").is_file():
+        raise CodecError(f"{path}: model.safetensors is missing")
+    return meta
+
+
+def read_codec_info(path: str | Path) -> CodecInfo:
+    """The codec's `CodecInfo`, read from codec.json without loading weights."""
+    return CodecInfo.from_dict(read_codec_meta(path)["info"])
+
+
+@runtime_checkable
+class MediaJudge(Protocol):
+    """What a codec evaluation needs from a judge: the true label of an evaluated file, and the labels the
+    judge reads in media (PIL images, or 1-D waveforms with `sample_rate=`)."""
+
+    source: str  # where the labels come from, for messages ("corpus/meta.json")
+
+    def label(self, path: str | Path) -> int | None:
+        """The file's true label; None when the judge has none for it."""
+        ...
+
+    def predict(self, media: Sequence, **kwargs) -> Sequence[int]: ...
+
+
+def judge_accuracy(judge: MediaJudge, media: Sequence, labels: Sequence[int], **kwargs) -> float:
+    """The fraction of `media` the judge labels as `labels`."""
+    return float((np.asarray(judge.predict(media, **kwargs)) == np.asarray(labels)).mean())
 
 
 def fit_image_size(width: int, height: int, factor: int, max_side: int = 0) -> tuple[int, int]:

@@ -1,4 +1,4 @@
-"""Text codec: a SentencePiece BPE model with byte fallback.
+"""The text tokenizer: a SentencePiece BPE model with byte fallback.
 
 - BPE with `byte_fallback`: a character missing from the vocabulary is spelled as UTF-8 byte pieces, so
   every Unicode string (emoji, mixed scripts, control characters) encodes and decodes exactly.
@@ -8,7 +8,7 @@
   `input_sentence_size` sentences, so inputs larger than memory are fine and training is deterministic
   for a given seed.
 
-A text codec directory holds `spm.model` and `text.json` (the training options and the model's hash).
+A text tokenizer directory holds `spm.model` and `text.json` (the training options and the model's hash).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import sentencepiece as spm
 
 from tessera.errors import TesseraError
 from tessera.runtime.monitor import progress_bar
-from tessera.storage import atomic_write_bytes, atomic_write_json, read_json, sha256_file
+from tessera.storage import atomic_write_bytes, atomic_write_json, sha256_file
 
 TEXT_FORMAT = "tessera-text"
 TEXT_VERSION = 1
@@ -62,7 +62,7 @@ class TextTokenizer:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "TextTokenizer":
-        """Load from a text codec directory or a `.model` file."""
+        """Load from a text tokenizer directory or a `.model` file."""
         path = Path(path)
         model = path / "spm.model" if path.is_dir() else path
         if not model.is_file():
@@ -134,7 +134,7 @@ def train_text_tokenizer(
     config: TextTrainConfig | None = None,
     progress: bool = True,
 ) -> TextTokenizer:
-    """Train a SentencePiece BPE model with byte fallback and write a text codec directory."""
+    """Train a SentencePiece BPE model with byte fallback and write a text tokenizer directory."""
     cfg = config or TextTrainConfig()
     if cfg.vocab_size < MIN_VOCAB_SIZE:
         raise TextTokenizerError(
@@ -213,7 +213,3 @@ def train_text_tokenizer(
     )
     return TextTokenizer(model.getvalue())
 
-
-def read_text_meta(path: str | os.PathLike) -> dict:
-    p = Path(path) / "text.json"
-    return read_json(p) if p.exists() else {}

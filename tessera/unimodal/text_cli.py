@@ -10,7 +10,7 @@ from tessera.unimodal.text import TextTrainConfig, train_text_tokenizer
 def add_train_arguments(p) -> None:
     p.add_argument("--input", nargs="+", required=True, metavar="FILE", help="UTF-8 text files, one sentence per line")
     p.add_argument("--vocab-size", type=int, default=TextTrainConfig.vocab_size)
-    p.add_argument("--out", required=True, help="output text codec directory")
+    p.add_argument("--out", required=True, help="output text tokenizer directory")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--character-coverage", type=float, default=TextTrainConfig.character_coverage)
     p.add_argument("--input-sentence-size", type=int, default=TextTrainConfig.input_sentence_size,
