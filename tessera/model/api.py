@@ -120,6 +120,7 @@ class Tessera:
             raise LoadError(f"{weights}: missing {missing[:5]}, unexpected {unexpected[:5]}")
         if mcfg.tie_embeddings:
             model.output.weight = model.tok_embeddings.weight
+        model.init_rope(device=device)  # the one tensor the weights file does not hold
         model.to(device=device, dtype=dtype)
         if int8:
             quantize_int8(model)

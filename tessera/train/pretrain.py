@@ -489,6 +489,7 @@ def _train_locked(args, env) -> dict:
                             activation_checkpointing=tcfg.activation_checkpointing,
                             param_dtype=dtype if dtype != torch.float32 else None)
         model.to_empty(device=env.device)
+        model.init_rope()  # not in the state dict below
         load_full_model_state(model, full, broadcast_from_rank0=True)
         del full
         autocast_dtype = torch.float32  # FSDP's mixed-precision policy casts instead of autocast
