@@ -21,7 +21,6 @@ import torch
 from tessera.model.constrained import DONE, FSMConfig, SpanFSM
 from tessera.model.kv_cache import KVCache
 
-
 DEFAULT_DRAFT_TOKENS = 4  # guesses a round of speculative decoding, unless a call or `set_draft` says otherwise
 
 
@@ -66,7 +65,7 @@ class GenerationConfig:
             check_draft_tokens(self.draft_tokens)
 
     @classmethod
-    def from_options(cls, config: "GenerationConfig | None" = None, **options) -> "GenerationConfig":
+    def from_options(cls, config: GenerationConfig | None = None, **options) -> GenerationConfig:
         """`config` (default: the defaults) with the keyword `options` (its field names) set over it."""
         unknown = sorted(set(options) - {f.name for f in fields(cls)})
         if unknown:

@@ -40,7 +40,14 @@ from collections.abc import Iterator
 import torch
 
 from tessera.model.constrained import DONE, FSMConfig, SpanFSM
-from tessera.model.generate import DEFAULT_DRAFT_TOKENS, GenerationConfig, budget, generators, left_pad, probabilities
+from tessera.model.generate import (
+    DEFAULT_DRAFT_TOKENS,
+    GenerationConfig,
+    budget,
+    generators,
+    left_pad,
+    probabilities,
+)
 from tessera.model.kv_cache import KVCache
 
 

@@ -49,11 +49,11 @@ class LossMeter:
         self.sums[name] = self.sums.get(name, 0.0) + total
         self.counts[name] = self.counts.get(name, 0.0) + count
 
-    def merge(self, other: "LossMeter") -> None:
+    def merge(self, other: LossMeter) -> None:
         for name in other.sums:
             self.update(name, other.sums[name], other.counts[name])
 
-    def all_reduce(self) -> "LossMeter":
+    def all_reduce(self) -> LossMeter:
         names = sorted(self.sums)
         if names:
             values = [self.sums[n] for n in names] + [self.counts[n] for n in names]
