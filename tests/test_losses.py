@@ -29,7 +29,8 @@ def test_token_losses_of_split_batches_combine_to_the_whole():
     """Two halves of a batch recorded in one meter give the whole batch's means, per modality too."""
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(4, 12, L.padded_vocab_size, generator=g)
-    targets = torch.randint(0, L.ranges["image"].end, (4, 12), generator=g)
+    targets = torch.randint(0, L.ranges["text"].end, (4, 12), generator=g)  # text, then some image codes
+    targets[1, 3:9] = L.ranges["image"].offset + torch.arange(6)
     targets[0, :5] = IGNORE
     modality = torch.as_tensor(L.modality_table())
     whole, halves = LossMeter(), LossMeter()
