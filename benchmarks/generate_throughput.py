@@ -73,7 +73,7 @@ def bench(preset: str, bundle: Path, new_tokens: int, rounds: int, device, compi
 
     from tessera.model.api import random_model
     from tessera.model.constrained import TEXT, FSMConfig, SpanFSM
-    from tessera.model.generate import SamplingConfig, decode
+    from tessera.model.generate import GenerationConfig, decode
     from tessera.model.hf_export import to_hf_model
     from tessera.tokenizers import load_bundle
 
@@ -94,12 +94,12 @@ def bench(preset: str, bundle: Path, new_tokens: int, rounds: int, device, compi
             return scores.masked_fill(~allowed, float("-inf"))
 
     ids = torch.tensor([prompt], device=device)
+    greedy = GenerationConfig(max_new_tokens=new_tokens, temperature=0)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     def ours(compiled=False):
-        steps = decode(m.model, [prompt], fsm, FSMConfig(), start_state=TEXT, max_new_tokens=new_tokens,
-                       sampling=SamplingConfig(temperature=0), pad_id=L.pad, step_fn=m._step_fn if compiled else None,
-                       static_cache=compiled)
+        steps = decode(m.model, [prompt], fsm, FSMConfig(), greedy, start_state=TEXT, pad_id=L.pad,
+                       step_fn=m._step_fn if compiled else None, static_cache=compiled)
         return torch.stack(list(steps), 1)[0].tolist()
 
     def theirs():
@@ -160,8 +160,7 @@ def bench(preset: str, bundle: Path, new_tokens: int, rounds: int, device, compi
         low[name] = lm
     for name, lm in low.items():
         def run_low(lm=lm):
-            steps = decode(lm, [prompt], fsm, FSMConfig(), start_state=TEXT, max_new_tokens=new_tokens,
-                           sampling=SamplingConfig(temperature=0), pad_id=L.pad)
+            steps = decode(lm, [prompt], fsm, FSMConfig(), greedy, start_state=TEXT, pad_id=L.pad)
             return torch.stack(list(steps), 1)[0].tolist()
 
         low_out = run_low()

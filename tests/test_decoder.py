@@ -139,3 +139,51 @@ def test_derived_sizes_follow_overrides():
     assert m.layers[0].feed_forward.w2.weight.shape == (128, 384)
     assert apply_overrides(model_preset("1b"), ["dim=1024"]).hidden_dim == 8192  # an explicit ffn_dim stays
     assert apply_overrides(model_preset("demo"), ["n_kv_heads=0"]).kv_heads == 4
+
+
+def test_layer_ids_are_fixed_at_construction_and_the_rotary_table_is_not_state():
+    m = tiny()
+    assert [(b.layer_id, b.attention.layer_id) for b in m.layers] == [(0, 0), (1, 1)]
+    assert m.rope.shape == (2, m.cfg.max_seq_len, m.cfg.head_dim) and m.rope.dtype == torch.float32
+    assert not any("rope" in k for k in m.state_dict())  # checkpoints keep their keys
+    with pytest.raises(ValueError, match="exceed the model's rotary table"):
+        m(torch.zeros(1, m.cfg.max_seq_len + 1, dtype=torch.long))
+
+
+def test_a_meta_built_model_rebuilds_its_rotary_table():
+    """FSDP2's path: built on the meta device, materialized with `to_empty` (the table is garbage then), the
+    table rebuilt with `init_rope` and the weights loaded: the same outputs as the model it was loaded from."""
+    m = tiny()
+    with torch.device("meta"):
+        e = Transformer(m.cfg)
+    e.to_empty(device="cpu")
+    e.init_rope()
+    e.load_state_dict(m.state_dict())
+    assert torch.equal(e.rope, m.rope)
+    x = torch.randint(0, 256, (2, 20))
+    with torch.no_grad():
+        assert torch.equal(e.eval()(x), m(x))
+
+
+def test_a_kv_cache_longer_than_max_seq_len_grows_the_table():
+    """A draft decoding past its own max_seq_len: the cache's slots extend the table, with the numbers a
+    longer model's table holds."""
+    from tessera.model.kv_cache import KVCache
+
+    short, long = tiny(max_seq_len=16), tiny(max_seq_len=32)
+    long.load_state_dict(short.state_dict())
+    x = torch.randint(0, 256, (1, 24))
+    cache = KVCache.for_model(short, 1, 24)
+    assert short.rope.shape[1] == 24 and torch.allclose(short.rope, long.rope[:, :24], rtol=0, atol=1e-6)
+    cache.begin(24)
+    with torch.no_grad():
+        cached = short(x, torch.arange(24)[None], cache=cache)
+        assert torch.allclose(cached, long(x), atol=1e-5)
+
+
+def test_an_unknown_attention_backend_is_a_config_error():
+    from tessera.model.attention import BACKENDS
+
+    assert list(BACKENDS) == ["sdpa", "flex", "flash"] and all(callable(f) for f in BACKENDS.values())
+    with pytest.raises(ValueError, match="attn_backend must be one of sdpa, flex, flash, got 'flsh'"):
+        ModelConfig(attn_backend="flsh")

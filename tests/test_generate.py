@@ -201,14 +201,15 @@ def test_greedy_text_matches_hf_generate(m):
 
 
 def test_static_cache_equals_dynamic(m):
-    from tessera.model.generate import SamplingConfig, decode
+    from tessera.model.generate import GenerationConfig, decode
 
     tok = m.tokenizer
     fsm = SpanFSM(tok.layout, tok.eos_id)
-    args = dict(start_state=TEXT, max_new_tokens=20, sampling=SamplingConfig(temperature=0), pad_id=tok.pad_id)
+    cfg = GenerationConfig(max_new_tokens=20, temperature=0)
+    args = dict(start_state=TEXT, pad_id=tok.pad_id)
     prompts = [tok.encode(["hi"], bos=True), tok.encode(["a longer one"], bos=True)]
-    a = torch.stack(list(decode(m.model, prompts, fsm, FSMConfig(), **args)))
-    b = torch.stack(list(decode(m.model, prompts, fsm, FSMConfig(), static_cache=True, **args)))
+    a = torch.stack(list(decode(m.model, prompts, fsm, FSMConfig(), cfg, **args)))
+    b = torch.stack(list(decode(m.model, prompts, fsm, FSMConfig(), cfg, static_cache=True, **args)))
     assert torch.equal(a, b)
 
 
@@ -232,3 +233,21 @@ def test_bad_requests_are_clear(m):
         m.generate("x", output="video")
     with pytest.raises(TypeError, match="prompt segment"):
         m.generate([3], output="text")
+
+
+def test_a_generation_config_is_the_keyword_arguments_as_one_object(m):
+    from tessera.model.generate import GenerationConfig
+
+    cfg = GenerationConfig(max_new_tokens=6, temperature=0.8, top_k=5, seed=3)
+    keywords = m.generate_ids("hi", output="text", max_new_tokens=6, temperature=0.8, top_k=5, seed=3)
+    assert m.generate_ids("hi", output="text", config=cfg) == keywords
+    # keywords given beside a config override its fields
+    assert m.generate_ids("hi", config=cfg, seed=4) == m.generate_ids("hi", max_new_tokens=6, temperature=0.8,
+                                                                      top_k=5, seed=4)
+    assert "".join(m.stream("hi", config=cfg)) == m.generate("hi", config=cfg)[0]
+    with pytest.raises(TypeError, match="unknown generation option.* temprature"):
+        m.generate_ids("hi", temprature=0.5)
+    with pytest.raises(ValueError, match="^top_p must be in"):
+        GenerationConfig(top_p=0.0)
+    with pytest.raises(ValueError, match="^draft_tokens must be an integer >= 1"):
+        GenerationConfig(draft_tokens=0)

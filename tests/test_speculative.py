@@ -8,7 +8,7 @@ from scipy.stats import chi2 as chi2_dist
 from tessera.model import speculative
 from tessera.model.api import random_model
 from tessera.model.constrained import TEXT, FSMConfig, SpanFSM
-from tessera.model.generate import SamplingConfig, decode
+from tessera.model.generate import GenerationConfig, decode
 from tessera.model.kv_cache import KVCache
 from tessera.model.speculative import PromptLookup, speculative_decode
 from tessera.model.transformer import ModelConfig, Transformer
@@ -147,12 +147,11 @@ def exact_first_two(model, prompt, fsm):
 
 
 def sampled(fn, model, draft, fsm, L, prompt, n, seed, new=3, k=2):
-    args = dict(start_state=TEXT, max_new_tokens=new, sampling=SamplingConfig(temperature=1.0), pad_id=L.pad,
-                seed=seed)
+    cfg = GenerationConfig(max_new_tokens=new, temperature=1.0, seed=seed, draft_tokens=k)
     if fn is decode:
-        steps = decode(model, [prompt] * n, fsm, FSMConfig(), **args)
+        steps = decode(model, [prompt] * n, fsm, FSMConfig(), cfg, start_state=TEXT, pad_id=L.pad)
     else:
-        steps = speculative_decode(model, draft, [prompt] * n, fsm, FSMConfig(), draft_tokens=k, **args)
+        steps = speculative_decode(model, draft, [prompt] * n, fsm, FSMConfig(), cfg, start_state=TEXT, pad_id=L.pad)
     return torch.stack(list(steps), 1).numpy()
 
 

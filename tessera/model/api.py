@@ -16,8 +16,8 @@ Outputs are lists of segments: str, PIL.Image.Image, tessera.Audio.
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -26,7 +26,7 @@ from PIL import Image
 from tessera.config import from_dict
 from tessera.errors import TesseraError
 from tessera.model.constrained import AUDIO, CODES, TEXT, FSMConfig, SpanFSM
-from tessera.model.generate import SamplingConfig, decode
+from tessera.model.generate import DEFAULT_DRAFT_TOKENS, GenerationConfig, check_draft_tokens, decode
 from tessera.model.quant import quantize_int8
 from tessera.model.speculative import PromptLookup, speculative_decode
 from tessera.model.transformer import ModelConfig, Transformer
@@ -77,13 +77,13 @@ class Tessera:
         self.fsm = SpanFSM(tokenizer.layout, tokenizer.eos_id, device=self.device)
         self._step_fn = None
         self.draft: Tessera | None = None  # the default draft model of speculative decoding (`set_draft`)
-        self.draft_tokens = 4
+        self.draft_tokens = DEFAULT_DRAFT_TOKENS
         self.last_speculation: dict | None = None  # rounds, drafted and accepted tokens of the last call
 
     # ------------------------------------------------------------------------------------- loading
     @classmethod
     def load(cls, run_dir: str | Path, device=None, dtype=None, compile: bool = False, draft=None,
-             draft_tokens: int = 4) -> "Tessera":
+             draft_tokens: int = DEFAULT_DRAFT_TOKENS) -> "Tessera":
         run = Path(run_dir)
         cfg_path, weights = run / "config.json", run / "model.safetensors"
         if not cfg_path.is_file():
@@ -122,6 +122,7 @@ class Tessera:
             raise LoadError(f"{weights}: missing {missing[:5]}, unexpected {unexpected[:5]}")
         if mcfg.tie_embeddings:
             model.output.weight = model.tok_embeddings.weight
+        model.init_rope(device=device)  # the one tensor the weights file does not hold
         model.to(device=device, dtype=dtype)
         if int8:
             quantize_int8(model)
@@ -134,7 +135,7 @@ class Tessera:
             m.set_draft(draft, draft_tokens)
         return m
 
-    def set_draft(self, draft: "Tessera | None", draft_tokens: int = 4) -> None:
+    def set_draft(self, draft: "Tessera | None", draft_tokens: int = DEFAULT_DRAFT_TOKENS) -> None:
         """Make `draft` (a smaller model over the same tokenizer bundle) the default draft of speculative
         decoding, proposing `draft_tokens` tokens a round; None turns it off."""
         if draft is not None:
@@ -142,8 +143,7 @@ class Tessera:
         self.draft, self.draft_tokens = draft, draft_tokens
 
     def _check_draft(self, draft, draft_tokens) -> None:
-        if not (isinstance(draft_tokens, numbers.Integral) and draft_tokens >= 1):
-            raise ValueError(f"draft_tokens must be an integer >= 1, got {draft_tokens!r}")
+        check_draft_tokens(draft_tokens)
         if draft == "lookup":
             return
         if not isinstance(draft, Tessera):
@@ -173,13 +173,12 @@ class Tessera:
                 raise TypeError(f"a prompt segment must be str, PIL.Image.Image or tessera.Audio, not {type(s).__name__}")
         return self.tokenizer.encode(segs, bos=True)
 
-    def _plan(self, output: str, max_new_tokens, image_size, max_audio_seconds):
+    def _plan(self, output: str, config: GenerationConfig):
         """(suffix ids after the prompt, FSM config, start state, remaining codes, budget)."""
         L, tok = self.tokenizer.layout, self.tokenizer
+        max_new_tokens, image_size, max_audio_seconds = config.max_new_tokens, config.image_size, config.max_audio_seconds
         if output not in OUTPUTS:
             raise ValueError(f"output must be one of {OUTPUTS}, not {output!r}")
-        if max_new_tokens is not None and not (isinstance(max_new_tokens, numbers.Integral) and max_new_tokens >= 1):
-            raise ValueError(f"max_new_tokens must be an integer >= 1 (None: the output's default), got {max_new_tokens!r}")
         if output == "text":
             return [], FSMConfig(), TEXT, 0, 64 if max_new_tokens is None else max_new_tokens
         if output == "image":
@@ -220,24 +219,19 @@ class Tessera:
         return [], cfg, TEXT, 0, 256 if max_new_tokens is None else max_new_tokens
 
     # ------------------------------------------------------------------------------------ generate
-    def _resolve_draft(self, draft, draft_tokens):
+    def _resolve_draft(self, config: GenerationConfig):
         """The draft model and its token count for a call: None takes the default (`set_draft`), False none."""
-        if draft is False:
+        if config.draft is False:
             return None, 0
-        k = self.draft_tokens if draft_tokens is None else draft_tokens
-        if draft is None:
-            draft = self.draft
+        k = self.draft_tokens if config.draft_tokens is None else config.draft_tokens
+        draft = self.draft if config.draft is None else config.draft
         if draft is not None:
             self._check_draft(draft, k)
         return draft, k
 
-    def _tokens(self, prompts, output, max_new_tokens, temperature, top_k, top_p, cfg_scale, seed, image_size,
-                max_audio_seconds, draft=None, draft_tokens=None):
-        sampling = SamplingConfig(temperature, top_k, top_p)  # checks their ranges
-        draft, k = self._resolve_draft(draft, draft_tokens)
-        if not math.isfinite(cfg_scale):
-            raise ValueError(f"cfg_scale must be a finite number (1: off), got {cfg_scale}")
-        suffix, fsm_cfg, start, remaining, budget = self._plan(output, max_new_tokens, image_size, max_audio_seconds)
+    def _tokens(self, prompts, output, config: GenerationConfig):
+        draft, k = self._resolve_draft(config)
+        suffix, fsm_cfg, start, remaining, budget = self._plan(output, config)
         ids = [self._prompt_ids(p) + suffix for p in prompts]
         # Positions past max_seq_len were never trained: refuse them rather than generate noise. A default
         # budget shrinks to the room left (the FSM still closes spans in time); an explicit one must fit.
@@ -246,7 +240,7 @@ class Tessera:
             raise ValueError(f"the prompt is {longest} tokens; the model's max_seq_len is {limit}, which must also "
                              f"leave room for at least one new token")
         if longest + budget > limit:
-            if max_new_tokens is not None or output == "image":
+            if config.max_new_tokens is not None or output == "image":
                 raise ValueError(f"the prompt ({longest} tokens) and {budget} new tokens exceed the model's "
                                  f"max_seq_len {limit}: shorten the prompt or lower max_new_tokens")
             budget = limit - longest
@@ -254,31 +248,31 @@ class Tessera:
                 raise ValueError(f"the prompt ({longest} tokens) leaves no room for one audio frame within the "
                                  f"model's max_seq_len {limit}")
         uncond = None
-        if cfg_scale != 1.0:
+        if config.cfg_scale != 1.0:
             if output not in ("image", "audio"):
                 raise ValueError("cfg_scale applies to output='image' or 'audio'")
             # the prompt with its conditioning dropped, as the loader's conditioning dropout trains it
             uncond = [[self.tokenizer.bos_id] + suffix for _ in prompts]
-        common = dict(start_state=start, max_new_tokens=budget, sampling=sampling, pad_id=self.tokenizer.pad_id,
-                      seed=seed, start_remaining=remaining, cfg_scale=cfg_scale, uncond_prompts=uncond,
-                      min_new_tokens=1 if output == "text" else 0)
+        run = replace(config, max_new_tokens=budget, draft_tokens=k or None)
+        common = dict(start_state=start, pad_id=self.tokenizer.pad_id, start_remaining=remaining,
+                      uncond_prompts=uncond, min_new_tokens=1 if output == "text" else 0)
         if draft is not None:
             self.last_speculation = {}
             proposer = PromptLookup() if draft == "lookup" else draft.model
-            gen = speculative_decode(self.model, proposer, ids, self.fsm, fsm_cfg, draft_tokens=k,
-                                     stats=self.last_speculation, **common)
+            gen = speculative_decode(self.model, proposer, ids, self.fsm, fsm_cfg, run, stats=self.last_speculation,
+                                     **common)
         else:
-            gen = decode(self.model, ids, self.fsm, fsm_cfg, step_fn=self._step_fn,
+            gen = decode(self.model, ids, self.fsm, fsm_cfg, run, step_fn=self._step_fn,
                          static_cache=self._step_fn is not None, **common)
         return suffix, gen
 
-    def generate_ids(self, prompt, *, output="text", max_new_tokens=None, temperature=1.0, top_k=0, top_p=1.0,
-                     cfg_scale=1.0, seed=None, image_size=None, max_audio_seconds=None, draft=None,
-                     draft_tokens=None) -> list[list[int]]:
-        """The generated ids of each prompt (including the span opener for image/audio outputs)."""
+    def generate_ids(self, prompt, *, output="text", config: GenerationConfig | None = None,
+                     **options) -> list[list[int]]:
+        """The generated ids of each prompt (including the span opener for image/audio outputs). The options
+        are `generate`'s."""
+        config = GenerationConfig.from_options(config, **options)
         prompts, _ = self._batch(prompt)
-        suffix, gen = self._tokens(prompts, output, max_new_tokens, temperature, top_k, top_p, cfg_scale, seed,
-                                   image_size, max_audio_seconds, draft, draft_tokens)
+        suffix, gen = self._tokens(prompts, output, config)
         steps = [t.cpu() for t in gen]
         out = torch.stack(steps, 1).tolist() if steps else [[] for _ in prompts]
         result = []
@@ -298,11 +292,12 @@ class Tessera:
             return list(prompt), True
         return [prompt], False
 
-    def generate(self, prompt, *, output: str = "text", max_new_tokens: int | None = None, temperature: float = 1.0,
-                 top_k: int = 0, top_p: float = 1.0, cfg_scale: float = 1.0, seed: int | list[int] | None = None,
-                 image_size: tuple[int, int] | None = None, max_audio_seconds: float | None = None,
-                 draft: "Tessera | None | bool" = None, draft_tokens: int | None = None):
+    def generate(self, prompt, *, output: str = "text", config: GenerationConfig | None = None, **options):
         """Generate from one prompt (-> list of segments) or a batch of prompts (-> one list per prompt).
+
+        The options are `GenerationConfig`'s fields, as keyword arguments (`temperature=0, seed=1`), as
+        `config=GenerationConfig(...)`, or both (the keywords override the config's fields); an unknown name is a
+        TypeError.
 
         output: "text", "image" (exactly one image of `image_size` pixels, default the codec's), "audio" (one
         clip of at most `max_audio_seconds`, default 10), or "any" (the model chooses when to open spans).
@@ -325,9 +320,7 @@ class Tessera:
         the same distribution (not the same tokens for a seed).
         """
         _, batched = self._batch(prompt)
-        ids = self.generate_ids(prompt, output=output, max_new_tokens=max_new_tokens, temperature=temperature,
-                                top_k=top_k, top_p=top_p, cfg_scale=cfg_scale, seed=seed, image_size=image_size,
-                                max_audio_seconds=max_audio_seconds, draft=draft, draft_tokens=draft_tokens)
+        ids = self.generate_ids(prompt, output=output, config=config, **options)
         outs = [self.tokenizer.decode(row, strict=True) for row in ids]
         return outs if batched else outs[0]
 
@@ -348,24 +341,22 @@ class Tessera:
             turns.append((role, [(None, part, True) for part in parts]))
         return [value for _, value, _ in self.tokenizer.chat.render(turns, for_reply=True)]
 
-    def chat(self, messages, *, output: str = "text", **kwargs) -> list:
+    def chat(self, messages, *, output: str = "text", config: GenerationConfig | None = None, **options) -> list:
         """The assistant's reply to a conversation (see `chat_prompt`), as a list of segments, generated as
-        `generate` does: the same `output` modes, constrained spans, CFG and sampling arguments (`kwargs`). A
-        text reply is cut where the model starts another turn."""
-        reply = self.generate(self.chat_prompt(messages), output=output, **kwargs)
+        `generate` does: the same `output` modes, constrained spans, CFG and sampling options (`config` and/or
+        keywords). A text reply is cut where the model starts another turn."""
+        reply = self.generate(self.chat_prompt(messages), output=output, config=config, **options)
         if output == "text":
             return [self.tokenizer.chat.cut_reply("".join(reply))]
         return reply
 
-    def stream(self, prompt, *, output: str = "text", max_new_tokens: int | None = None, temperature: float = 1.0,
-               top_k: int = 0, top_p: float = 1.0, cfg_scale: float = 1.0, seed: int | None = None,
-               image_size=None, max_audio_seconds=None, draft=None, draft_tokens=None) -> Iterator:
+    def stream(self, prompt, *, output: str = "text", config: GenerationConfig | None = None, **options) -> Iterator:
         """Yield text pieces as they are decoded, and each image or audio clip as its span closes (with a
-        draft model, a round's kept tokens arrive together)."""
+        draft model, a round's kept tokens arrive together). The options are `generate`'s, for one prompt."""
+        config = GenerationConfig.from_options(config, **options)
         if not (_is_segment(prompt) or all(_is_segment(s) for s in prompt)):
             raise ValueError("stream takes one prompt, not a batch")
-        suffix, gen = self._tokens([prompt], output, max_new_tokens, temperature, top_k, top_p, cfg_scale, seed,
-                                   image_size, max_audio_seconds, draft, draft_tokens)
+        suffix, gen = self._tokens([prompt], output, config)
         L, tok = self.tokenizer.layout, self.tokenizer
         text_ids: list[int] = []
         sent = 0
@@ -413,7 +404,7 @@ class Tessera:
 
 
 def load(run_dir: str | Path, device=None, dtype=None, compile: bool = False, draft=None,
-         draft_tokens: int = 4) -> Tessera:
+         draft_tokens: int = DEFAULT_DRAFT_TOKENS) -> Tessera:
     """Load a trained run (its model.safetensors and tokenizer bundle) for generation.
 
     `dtype`: None (bf16 on CUDA, fp32 on CPU), a torch dtype, "fp32", "bf16", or "int8" (weight-only int8

@@ -2,7 +2,9 @@
 
     attention(q, k, v, doc_ids=..., backend=...)      q (B, Hq, T, D), k/v (B, Hkv, S, D) -> (B, Hq, T, D)
 
-Backends (all causal, all grouped-query, all document-aware):
+`BACKENDS` is the one table from a backend's name to its function, all with the signature
+`fn(q, k, v, doc_ids) -> out`; `ModelConfig` refuses a name that is not in it. Backends (all causal, all
+grouped-query, all document-aware):
 - "sdpa" (default): PyTorch scaled_dot_product_attention. Packed sequences get an explicit boolean mask,
   causal AND same-document; unpacked ones use the fused causal path.
 - "flex": FlexAttention with a document-causal block mask, so fully masked blocks are skipped. Fused when
@@ -22,8 +24,6 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-BACKENDS = ("sdpa", "flex", "flash")
-
 
 @functools.cache
 def flash_attn_available() -> bool:
@@ -34,14 +34,6 @@ def flash_attn_available() -> bool:
     return torch.cuda.is_available()
 
 
-def resolve_backend(name: str) -> str:
-    if name not in BACKENDS:
-        raise ValueError(f"unknown attention backend {name!r}; choose from {', '.join(BACKENDS)}")
-    if name == "flash" and not flash_attn_available():
-        raise RuntimeError("attention backend 'flash' needs CUDA and the flash-attn package (pip install tessera[gpu])")
-    return name
-
-
 def document_causal_mask(doc_ids: torch.Tensor) -> torch.Tensor:
     """(B, T) document ids -> (B, 1, T, T) boolean mask: causal and within the same document."""
     T = doc_ids.shape[1]
@@ -49,7 +41,7 @@ def document_causal_mask(doc_ids: torch.Tensor) -> torch.Tensor:
     return causal[None, None] & (doc_ids[:, None, :, None] == doc_ids[:, None, None, :])
 
 
-def _sdpa(q, k, v, doc_ids, mask, causal=True):
+def _sdpa(q, k, v, doc_ids, mask=None, causal=True):
     gqa = q.shape[1] != k.shape[1]
     if mask is not None:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
@@ -81,6 +73,11 @@ def _flex(q, k, v, doc_ids):
 
 
 def _flash(q, k, v, doc_ids):
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        # flash-attn computes in half precision only; run it under bf16 and return the caller's dtype.
+        return _flash(q.bfloat16(), k.bfloat16(), v.bfloat16(), doc_ids).to(q.dtype)
+    if not flash_attn_available():
+        raise RuntimeError("attention backend 'flash' needs CUDA and the flash-attn package (pip install tessera[gpu])")
     from flash_attn import flash_attn_varlen_func
 
     B, Hq, T, D = q.shape
@@ -100,6 +97,13 @@ def _flash(q, k, v, doc_ids):
     return out.reshape(B, T, Hq, D).transpose(1, 2)
 
 
+BACKENDS = {
+    "sdpa": _sdpa,
+    "flex": _flex,
+    "flash": _flash,
+}
+
+
 def attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -114,13 +118,8 @@ def attention(
 
     `causal=False` (KV-cache decoding: queries that follow every cached key) attends over all keys, or as
     `mask` says."""
-    if mask is not None or not causal or backend == "sdpa":
+    if mask is not None or not causal:
         return _sdpa(q, k, v, doc_ids, mask, causal)
-    if backend == "flex":
-        return _flex(q, k, v, doc_ids)
-    if backend == "flash":
-        if q.dtype not in (torch.float16, torch.bfloat16):
-            # flash-attn computes in half precision only; run it under bf16 and return the caller's dtype.
-            return _flash(q.bfloat16(), k.bfloat16(), v.bfloat16(), doc_ids).to(q.dtype)
-        return _flash(q, k, v, doc_ids)
-    raise ValueError(f"unknown attention backend {backend!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown attention backend {backend!r}; choose from {', '.join(BACKENDS)}")
+    return BACKENDS[backend](q, k, v, doc_ids)

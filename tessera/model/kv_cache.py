@@ -6,8 +6,9 @@ share one write position; left padding is handled by `key_valid`, which marks th
 tokens, so padded prompts attend exactly as unpadded ones. When no row is padded, a one-token step needs no
 mask at all (its query sees every filled slot), and `mask` stays None.
 
-`for_model` also precomputes the rotary cos/sin table for every slot, so a decode step looks its
-positions up instead of recomputing them (positions never exceed the slot count).
+Positions never exceed the slot count, so `for_model` makes sure the model's rotary table (which a decode
+step indexes by position) covers every slot: it grows the table of a model asked to decode past its own
+max_seq_len (a draft shorter than the model it drafts for).
 
 `static=True` makes every step attend over the full `max_len` slots with a mask instead of the filled
 prefix: shapes never change, which is what CUDA graphs and `torch.compile(mode="reduce-overhead")` need.
@@ -31,20 +32,16 @@ class KVCache:
         self.padded = False  # does any written slot of any row hold padding
         self.mask: torch.Tensor | None = None  # (B, 1, T, S) for the step in progress
         self.write_slots: torch.Tensor | None = None  # (T,) slots the step in progress writes
-        self.rope: tuple[torch.Tensor, torch.Tensor] | None = None  # cos, sin (max_len, head_dim)
         self._slots = torch.arange(max_len, device=device)
         self._layers = list(zip(self.k.unbind(0), self.v.unbind(0)))  # per-layer views, made once
 
     @classmethod
     def for_model(cls, model, batch: int, max_len: int, dtype=None, device=None, static: bool = False) -> "KVCache":
-        from tessera.model.transformer import rope_cos_sin
-
         c = model.cfg
         p = next(model.parameters())
-        cache = cls(c.n_layers, batch, c.kv_heads, c.head_dim, max_len, dtype or p.dtype, device or p.device, static)
-        cos, sin = rope_cos_sin(cache._slots[None], c.head_dim, c.rope_theta, cache.k.dtype)
-        cache.rope = (cos[0, :, 0], sin[0, :, 0])
-        return cache
+        if max_len > model.rope.shape[1]:
+            model.init_rope(max_len)
+        return cls(c.n_layers, batch, c.kv_heads, c.head_dim, max_len, dtype or p.dtype, device or p.device, static)
 
     def begin(self, n_new: int, valid: torch.Tensor | None = None) -> None:
         """Prepare the mask for `n_new` tokens about to be written; `valid` (B, n_new) marks real tokens (None: all)."""

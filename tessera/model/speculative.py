@@ -40,7 +40,14 @@ from collections.abc import Iterator
 import torch
 
 from tessera.model.constrained import DONE, FSMConfig, SpanFSM
-from tessera.model.generate import SamplingConfig, left_pad, probabilities
+from tessera.model.generate import (
+    DEFAULT_DRAFT_TOKENS,
+    GenerationConfig,
+    budget,
+    generators,
+    left_pad,
+    probabilities,
+)
 from tessera.model.kv_cache import KVCache
 
 
@@ -97,25 +104,21 @@ def speculative_decode(
     prompts: list[list[int]],
     fsm: SpanFSM,
     fsm_cfg: FSMConfig,
+    config: GenerationConfig,
     *,
     start_state: int,
-    max_new_tokens: int,
-    sampling: SamplingConfig,
     pad_id: int,
-    draft_tokens: int = 4,
-    seed: int | list[int] | None = None,
     start_remaining: int = 0,
-    cfg_scale: float = 1.0,
     uncond_prompts: list[list[int]] | None = None,
     min_new_tokens: int = 0,
     stats: dict | None = None,
 ) -> Iterator[torch.Tensor]:
     """`decode`'s contract (one (B,) tensor of tokens per step; finished rows yield `pad_id`), computed with
-    `draft` (a model over the same vocabulary, or a `PromptLookup`) proposing `draft_tokens` tokens a round.
-    `stats`, if given, receives the counts of rounds, drafted and accepted tokens."""
-    k = int(draft_tokens)
-    if k < 1:
-        raise ValueError(f"draft_tokens must be >= 1, got {draft_tokens}")
+    `draft` (a model over the same vocabulary, or a `PromptLookup`) proposing `config.draft_tokens` tokens a
+    round (None: `DEFAULT_DRAFT_TOKENS`). `stats`, if given, receives the counts of rounds, drafted and
+    accepted tokens."""
+    k = DEFAULT_DRAFT_TOKENS if config.draft_tokens is None else config.draft_tokens
+    max_new_tokens, cfg_scale = budget(config), config.cfg_scale
     B = len(prompts)
     device = next(model.parameters()).device
     guided = uncond_prompts is not None and cfg_scale != 1.0
@@ -136,14 +139,8 @@ def speculative_decode(
     carry = torch.full((R,), pad_id, dtype=torch.long, device=device)  # the kept guess the draft has not read
     carry_ok = torch.zeros(R, dtype=torch.bool, device=device)
 
-    generator = None
-    if isinstance(seed, (list, tuple)):
-        if len(seed) != B:
-            raise ValueError(f"{len(seed)} seeds for {B} prompts")
-        generator = [torch.Generator(device=device).manual_seed(int(s)) for s in seed]
-    elif seed is not None:
-        generator = torch.Generator(device=device).manual_seed(seed)
-    greedy = sampling.temperature <= 0
+    generator = generators(config.seed, B, device)
+    greedy = config.temperature <= 0
     st = fsm.init_state(B, start_state, max_new_tokens, remaining=start_remaining)
     spans = fsm.reachable(fsm_cfg, start_state)
     pad_only = fsm.rows[fsm.R_DONE]
@@ -206,7 +203,7 @@ def speculative_decode(
             if greedy:
                 d = dl.argmax(-1)
             else:
-                q = probabilities(dl, sampling)
+                q = probabilities(dl, config)
                 d = _draw(q, generator)
                 qs.append(q)
             guesses.append(d)
@@ -231,7 +228,7 @@ def speculative_decode(
             n = (best[:, :k] == D).long().cumprod(1).sum(1)
             x = best.gather(1, n[:, None])[:, 0]
         else:
-            P = probabilities(target.flatten(0, 1), sampling).view(target.shape)  # (B, k + 1, V)
+            P = probabilities(target.flatten(0, 1), config).view(target.shape)  # (B, k + 1, V)
             Q = torch.stack(qs + [torch.zeros_like(qs[0])], 1)
             pd = P[:, :k].gather(2, D[:, :, None])[..., 0]
             qd = Q[:, :k].gather(2, D[:, :, None])[..., 0]

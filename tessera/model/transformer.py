@@ -10,6 +10,9 @@ Architecture choices, and why:
   is a training term in `tessera.train`.
 - Packed training rows hold several documents: `doc_ids` keeps attention inside each document and
   `positions` restart at every document start, so a packed row trains exactly like separate documents.
+- One rotary table (the cos/sin of every position up to max_seq_len, fp32) belongs to the model and is
+  looked up by position, in training and in cached decoding alike; each block knows its own `layer_id`
+  (its slot in a KV cache) from construction.
 - The embedding table has one row per id of the padded vocabulary (a multiple of 128).
 - The model knows nothing of DDP/FSDP, activation checkpointing or compile: `tessera.train.parallel`
   applies those from outside (torchtitan's rule). Q/K/V and gate/up projections are fused into single
@@ -112,14 +115,15 @@ class RMSNorm(nn.Module):
         nn.init.ones_(self.weight)
 
 
-def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """positions (B, T) -> cos, sin (B, T, 1, head_dim) in the rotate-half layout, with the first half of `sin`
-    negated (so that `apply_rope` needs no negation: the same numbers, one op fewer)."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.int64).float() / head_dim))
-    freqs = positions.float()[..., None] * inv_freq  # (B, T, hd/2)
+def rope_table(length: int, head_dim: int, theta: float, device=None) -> torch.Tensor:
+    """The rotary table of positions 0..length-1: (2, length, head_dim) fp32, cos then sin, in the rotate-half
+    layout, with the first half of `sin` negated (so that `apply_rope` needs no negation: the same numbers,
+    one op fewer). The fp32 arithmetic of HF Llama's cos/sin, for exact export parity."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.int64).float() / head_dim))
+    freqs = torch.arange(length, device=device).float()[:, None] * inv_freq  # (length, hd/2)
     sin = freqs.sin()
-    cos = torch.cat([freqs, freqs], dim=-1)[:, :, None, :].cos()
-    return cos.to(dtype), torch.cat([-sin, sin], dim=-1)[:, :, None, :].to(dtype)
+    cos = torch.cat([freqs, freqs], dim=-1).cos()
+    return torch.stack([cos, torch.cat([-sin, sin], dim=-1)])
 
 
 def apply_rope(x, cos, sin):
@@ -130,8 +134,9 @@ def apply_rope(x, cos, sin):
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, layer_id: int):
         super().__init__()
+        self.layer_id = layer_id  # this layer's slot in a KV cache
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
         self.backend = cfg.attn_backend
         self.wqkv = nn.Linear(cfg.dim, (cfg.n_heads + 2 * cfg.kv_heads) * cfg.head_dim, bias=cfg.attn_bias)
@@ -139,7 +144,7 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
 
-    def forward(self, x, cos, sin, doc_ids=None, cache=None, layer: int = 0):
+    def forward(self, x, cos, sin, doc_ids=None, cache=None):
         B, T, _ = x.shape
         hq, hk, hd = self.n_heads, self.n_kv_heads, self.head_dim
         qkv = self.wqkv(x).view(B, T, hq + 2 * hk, hd)
@@ -151,7 +156,7 @@ class Attention(nn.Module):
             q, k = apply_rope(qk, cos, sin).split([hq, hk], dim=2)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, hd)
         if cache is not None:
-            k, v = cache.update(layer, k, v)
+            k, v = cache.update(self.layer_id, k, v)
             # the cache's mask says what each query sees; None (one query, no padding): every key
             y = attention(q, k, v, mask=cache.mask, causal=False)
         else:
@@ -171,16 +176,17 @@ class FeedForward(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, layer_id: int):
         super().__init__()
+        self.layer_id = layer_id
         self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.attention = Attention(cfg)
+        self.attention = Attention(cfg, layer_id)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.feed_forward = FeedForward(cfg)
         self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout else nn.Identity()
 
-    def forward(self, x, cos, sin, doc_ids=None, cache=None, layer: int = 0):
-        x = x + self.dropout(self.attention(self.attention_norm(x), cos, sin, doc_ids, cache, layer))
+    def forward(self, x, cos, sin, doc_ids=None, cache=None):
+        x = x + self.dropout(self.attention(self.attention_norm(x), cos, sin, doc_ids, cache))
         return x + self.dropout(self.feed_forward(self.ffn_norm(x)))
 
 
@@ -192,17 +198,33 @@ class Transformer(nn.Module):
         self.cfg = cfg
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout else nn.Identity()
-        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
+        # The rotary cos/sin of every position, (2, max_seq_len, head_dim), shared by all layers and looked up
+        # by position in every forward (training and cached decoding). Derived, not learned: non-persistent, so
+        # checkpoints do not hold it, and `init_rope` rebuilds it wherever the weights are materialized.
+        self.register_buffer("rope", torch.empty(2, cfg.max_seq_len, cfg.head_dim), persistent=False)
         self.init_weights()
 
     @torch.no_grad()
+    def init_rope(self, length: int = 0, device=None) -> None:
+        """(Re)build the rotary table, in fp32, for max(max_seq_len, `length`) positions, on `device` (default:
+        where the table is). Needed after `to_empty` (FSDP2's materialization) or a meta-device build whose
+        weights were assigned from a checkpoint, since no state dict holds the table; a KV cache with more
+        slots than max_seq_len (a draft model decoding past its own length) grows it. `model.to(dtype)` casts
+        the table with the weights: the same numbers as casting the looked-up rows to the activations' dtype,
+        which forward does anyway."""
+        n = max(self.cfg.max_seq_len, length)
+        self.rope = rope_table(n, self.cfg.head_dim, self.cfg.rope_theta, device=device or self.rope.device)
+
+    @torch.no_grad()
     def init_weights(self, seed: int | None = None):
-        """Normal(0, std) for matrices, residual output projections scaled by 1/sqrt(2 * n_layers) (GPT-2); ones
-        for norm weights, zeros for biases."""
+        """The rotary table (`init_rope`), then the weights: Normal(0, std) for matrices, residual output
+        projections scaled by 1/sqrt(2 * n_layers) (GPT-2); ones for norm weights, zeros for biases."""
+        self.init_rope()
         g = None
         if seed is not None:
             g = torch.Generator(device="cpu").manual_seed(seed)
@@ -234,13 +256,12 @@ class Transformer(nn.Module):
             if cache is not None:
                 raise ValueError("decoding with a KV cache needs explicit positions")
             positions = torch.arange(T, device=idx.device)[None].expand(B, T)
+        if cache is None and T > self.rope.shape[1]:  # a KV cache grew the table to its slots (for_model)
+            raise ValueError(f"{T} positions exceed the model's rotary table ({self.rope.shape[1]}, its max_seq_len)")
         h = self.dropout(self.tok_embeddings(idx))
-        if cache is not None and cache.rope is not None:  # looked up in the cache's table, not recomputed
-            cos, sin = cache.rope[0][positions][:, :, None], cache.rope[1][positions][:, :, None]
-        else:
-            cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, h.dtype)
-        for i, layer in enumerate(self.layers):
-            h = layer(h, cos, sin, doc_ids, cache, i)
+        cos, sin = self.rope[:, positions, None].to(h.dtype).unbind(0)  # each (B, T, 1, hd)
+        for layer in self.layers:
+            h = layer(h, cos, sin, doc_ids, cache)
         if logits_to_keep:
             h = h[:, -logits_to_keep:]
         return self.output(self.norm(h))

@@ -1,7 +1,13 @@
 """The decoder's loss, summed per modality, and the held-out loss over a shard set: what the trainer
-optimizes and logs, and what `tessera eval` reports as perplexity."""
+optimizes and logs, and what `tessera eval` reports as perplexity.
+
+Logged losses are means over tokens, so they are kept as a sum and a count per name (`LossMeter`) and
+divided only when read: micro-batches, steps and ranks then combine exactly (a sum of sums).
+"""
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +32,61 @@ def token_losses(logits: torch.Tensor, targets: torch.Tensor, modality: torch.Te
     return out
 
 
+class LossMeter:
+    """Sums and token counts per name (the metric's name: `loss`, `loss_text`, ...); the mean is sum / count.
+
+    `update` takes tensors or numbers and does not synchronize with the device; `all_reduce` sums every name
+    across ranks in one collective and leaves Python floats. Every rank must hold the same names (update a
+    name with zeros where a rank saw none of it): the names are reduced in sorted order."""
+
+    def __init__(self):
+        self.sums: dict[str, torch.Tensor | float] = {}
+        self.counts: dict[str, torch.Tensor | float] = {}
+
+    def update(self, name: str, total, count) -> None:
+        if isinstance(total, torch.Tensor):
+            total, count = total.detach().double(), torch.as_tensor(count, device=total.device).double()
+        self.sums[name] = self.sums.get(name, 0.0) + total
+        self.counts[name] = self.counts.get(name, 0.0) + count
+
+    def merge(self, other: LossMeter) -> None:
+        for name in other.sums:
+            self.update(name, other.sums[name], other.counts[name])
+
+    def all_reduce(self) -> LossMeter:
+        names = sorted(self.sums)
+        if names:
+            values = [self.sums[n] for n in names] + [self.counts[n] for n in names]
+            device = next((v.device for v in values if isinstance(v, torch.Tensor)), "cpu")
+            flat = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device) for v in values])
+            totals = all_reduce(flat).tolist()
+            self.sums = dict(zip(names, totals[: len(names)]))
+            self.counts = dict(zip(names, totals[len(names):]))
+        return self
+
+    def count(self, name: str) -> float:
+        return float(self.counts.get(name, 0.0))
+
+    def mean(self, name: str, empty: float = math.nan) -> float:
+        """sum / count, or `empty` when the count is 0 (or the name was never updated)."""
+        n = self.count(name)
+        return float(self.sums[name]) / n if n > 0 else empty
+
+    def means(self) -> dict[str, float]:
+        """The mean of every name with a count > 0."""
+        return {name: self.mean(name) for name in self.sums if self.count(name) > 0}
+
+
+def add_token_losses(meter: LossMeter, r: dict, prefix: str = "") -> None:
+    """Record `token_losses`' sums under their metric names: `loss`, `z_loss` (with z-loss on) and
+    `loss_<modality>` for every modality, each after `prefix` (`eval_` for held-out losses)."""
+    meter.update(f"{prefix}loss", r["ce"], r["count"])
+    if "z" in r:
+        meter.update(f"{prefix}z_loss", r["z"], r["count"])
+    for i, m in enumerate(MODALITIES):
+        meter.update(f"{prefix}loss_{m}", r["ce_mod"][i], r["n_mod"][i])
+
+
 # The loss compiled (lazily, at its first call): log-softmax, the gather and the per-modality sums fused,
 # instead of several passes over the (tokens x vocab) logits. `--compile` uses it beside the compiled blocks.
 compiled_token_losses = torch.compile(token_losses, dynamic=False)
@@ -39,20 +100,17 @@ def evaluate(model, shards, layout: VocabLayout, seq_len: int, batch_size: int, 
     loader = PackedLoader(shards, LoaderConfig(seq_len=seq_len, batch_size=batch_size), layout,
                           rank=env.rank, world_size=env.world_size, sequential=True)
     modality = torch.as_tensor(layout.modality_table(), device=env.device)
-    sums = torch.zeros(2 + 2 * len(MODALITIES), dtype=torch.float64, device=env.device)
+    meter = LossMeter()
     for i, b in enumerate(loader):
         if i >= max_batches:
             break
         b = {k: v.to(env.device) for k, v in b.items()}
         with torch.autocast(env.device.type, dtype=dtype, enabled=dtype != torch.float32):
             logits = model(b["input_ids"], b["positions"], b["doc_ids"])
-        r = token_losses(logits, b["targets"], modality)
-        sums += torch.cat([r["ce"][None], r["count"][None], r["ce_mod"], r["n_mod"]]).double()
-    all_reduce(sums)
+        add_token_losses(meter, token_losses(logits, b["targets"], modality), prefix="eval_")
+    if not meter.sums:  # no batch at all: the same names on every rank, so the reduction lines up
+        add_token_losses(meter, {"ce": 0.0, "count": 0, "ce_mod": [0.0] * len(MODALITIES),
+                                 "n_mod": [0] * len(MODALITIES)}, prefix="eval_")
+    meter.all_reduce()
     model.train()
-    n = len(MODALITIES)
-    out = {"eval_loss": (sums[0] / sums[1]).item() if sums[1] > 0 else float("nan"), "eval_tokens": int(sums[1])}
-    for i, m in enumerate(MODALITIES):
-        if sums[2 + n + i] > 0:
-            out[f"eval_loss_{m}"] = (sums[2 + i] / sums[2 + n + i]).item()
-    return out
+    return {"eval_loss": math.nan, **meter.means(), "eval_tokens": int(meter.count("eval_loss"))}

@@ -58,7 +58,9 @@ def parallelize(model: nn.Module, env: DistEnv, *, fsdp: bool = False, compile: 
     if env.is_distributed:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        return DDP(model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+        # The decoder's one buffer, the rotary table, is computed alike on every rank: nothing to broadcast.
+        return DDP(model, device_ids=[env.device.index] if env.device.type == "cuda" else None,
+                   broadcast_buffers=False)
     return model
 
 

@@ -72,11 +72,11 @@ from tessera.runtime.monitor import MetricsLogger, Progress
 from tessera.runtime.schedule import DEFAULT_STEPS, SCHEDULES, RunBudget, add_budget_arguments, lr_factor
 from tessera.storage import atomic_write_json, read_json, save_tensors
 from tessera.tokenizers.bundle import read_bundle_spec
-from tessera.tokenizers.layout import MODALITIES, VocabLayout
+from tessera.tokenizers.layout import VocabLayout
 from tessera.train import init_from
 from tessera.train.ema import WeightEMA
 from tessera.train.loader import IGNORE, LoaderConfig, PackedLoader, parse_mix
-from tessera.train.losses import compiled_token_losses, evaluate, token_losses
+from tessera.train.losses import LossMeter, add_token_losses, compiled_token_losses, evaluate, token_losses
 from tessera.train.mfu import peak_flops
 from tessera.train.parallel import (
     full_model_state,
@@ -443,6 +443,7 @@ def _train_locked(args, env) -> dict:
                             activation_checkpointing=tcfg.activation_checkpointing,
                             param_dtype=dtype if dtype != torch.float32 else None)
         model.to_empty(device=env.device)
+        model.init_rope()  # not in the state dict below
         load_full_model_state(model, full, broadcast_from_rank0=True)
         del full
         autocast_dtype = torch.float32  # FSDP's mixed-precision policy casts instead of autocast
@@ -551,9 +552,7 @@ def _train_locked(args, env) -> dict:
             atomic_write_json(out / "best.json", {"step": step, **result})
         barrier()
 
-    window = {"ce": 0.0, "count": 0, "z": 0.0, "ce_mod": torch.zeros(len(MODALITIES), dtype=torch.float64),
-              "n_mod": torch.zeros(len(MODALITIES), dtype=torch.float64), "tokens": 0, "t0": time.perf_counter(),
-              "steps": 0}
+    window = {"losses": LossMeter(), "tokens": 0, "t0": time.perf_counter(), "steps": 0}
     consecutive_nan = 0
     last_eval: dict = {}
     best = {"step": None, "eval_loss": math.inf}
@@ -568,7 +567,7 @@ def _train_locked(args, env) -> dict:
         batches = [{k: v.to(env.device, non_blocking=True) for k, v in b.items()} for b in batches]
         n_tokens = torch.tensor([sum(int((b["targets"] != IGNORE).sum()) for b in batches)], device=env.device)
         global_count = max(1, int(all_reduce(n_tokens.clone()).item()))
-        sums = torch.zeros(3 + 2 * len(MODALITIES), dtype=torch.float64, device=env.device)
+        step_losses = LossMeter()
         for i, b in enumerate(batches):
             last = i == len(batches) - 1
             sync = contextlib.nullcontext()
@@ -586,10 +585,8 @@ def _train_locked(args, env) -> dict:
                 loss = r["ce"] + tcfg.z_loss * r.get("z", 0.0)
                 # DDP/FSDP average gradients over ranks; scale so the result is sum / global count.
                 (loss * env.world_size / global_count).backward()
-            sums += torch.cat([r["ce"].detach()[None], r.get("z", torch.zeros(())).detach()[None],
-                               r["count"][None], r["ce_mod"], r["n_mod"]]).double()
-        all_reduce(sums)
-        step_loss = (sums[0] / max(1.0, sums[2].item())).item()
+            add_token_losses(step_losses, r)
+        step_loss = step_losses.all_reduce().mean("loss", empty=0.0)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
         if hasattr(grad_norm, "full_tensor"):
             grad_norm = grad_norm.full_tensor()
@@ -620,33 +617,23 @@ def _train_locked(args, env) -> dict:
             ema.update()
         set_lr()
 
-        window["ce"] += sums[0].item()
-        window["z"] += sums[1].item()
-        window["count"] += sums[2].item()
-        window["ce_mod"] += sums[3 : 3 + len(MODALITIES)].cpu()
-        window["n_mod"] += sums[3 + len(MODALITIES):].cpu()
+        window["losses"].merge(step_losses)
         window["tokens"] += sum(b["input_ids"].numel() for b in batches) * env.world_size
         window["steps"] += 1
         if step % tcfg.log_every == 0 or budget.should_stop(step):
             dt = time.perf_counter() - window["t0"]
             tps = window["tokens"] / dt
-            rec = {"loss": window["ce"] / max(1, window["count"]), "lr": optimizer.param_groups[0]["lr"],
+            # loss, z_loss and loss_<modality> (those the window saw), as token means
+            rec = {"loss": 0.0, **window["losses"].means(), "lr": optimizer.param_groups[0]["lr"],
                    "grad_norm": grad_norm, "tokens_per_sec": tps, "tokens_seen": tokens_seen,
                    "mfu": flops_per_token * tps / (peak * env.world_size) if peak else None,
                    "planned_steps": budget.planned_steps}
-            if tcfg.z_loss:
-                rec["z_loss"] = window["z"] / max(1, window["count"])
-            for i, m in enumerate(MODALITIES):
-                if window["n_mod"][i] > 0:
-                    rec[f"loss_{m}"] = (window["ce_mod"][i] / window["n_mod"][i]).item()
             if nan_skips:
                 rec["nan_skips"] = nan_skips
             metrics.log(step, **rec)
             progress.update(step, loss=rec["loss"], lr=rec["lr"], tok_s=f"{tps:.0f}",
                             **({"mfu": f"{100 * rec['mfu']:.1f}%"} if rec["mfu"] else {}))
-            window.update(ce=0.0, z=0.0, count=0, tokens=0, steps=0, t0=time.perf_counter())
-            window["ce_mod"].zero_()
-            window["n_mod"].zero_()
+            window.update(losses=LossMeter(), tokens=0, steps=0, t0=time.perf_counter())
         else:
             progress.update(step)
         if args.eval_data and tcfg.eval_every and step % tcfg.eval_every == 0:
