@@ -149,9 +149,9 @@ def main(argv=None) -> int:
         "tessera": rows,
         "note": "untrained weights (speed does not depend on them); fp32; images/s; ratio = tessera / JPEG",
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    from tessera.storage import atomic_write_json
+
+    atomic_write_json(args.out, result)
     print(f"-> {out}")
     return 0
 

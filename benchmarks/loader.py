@@ -147,9 +147,9 @@ def main() -> None:
     sizes = list(runs)
     if len(sizes) > 1:
         result["rss_anon_growth_mb"] = round(runs[sizes[-1]]["rss_anon_mb_end"] - runs[sizes[0]]["rss_anon_mb_end"], 1)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    from tessera.storage import atomic_write_json
+
+    atomic_write_json(args.out, result)
     print(json.dumps(result, indent=2))
 
 

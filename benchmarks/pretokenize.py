@@ -365,9 +365,9 @@ def main() -> None:
                                     work)
     result["machine"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     result["seconds"] = round(time.perf_counter() - t0, 1)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    from tessera.storage import atomic_write_json
+
+    atomic_write_json(args.out, result)
     print(json.dumps(result, indent=2))
 
 

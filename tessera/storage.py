@@ -81,6 +81,19 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
+def read_header(path: Path, fmt: str, version: int, noun: str, error: type[Exception]) -> dict:
+    """A directory's JSON header file (a bundle's tokenizer.json, a codec's codec.json), checked for its
+    format and version; `error(...)` says what is wrong, naming the directory as a `noun`."""
+    if not path.is_file():
+        raise error(f"{path.parent} is not a {noun} directory: {path} is missing")
+    head = read_json(path)
+    if not isinstance(head, dict) or head.get("format") != fmt:
+        raise error(f"{path}: format is {head.get('format') if isinstance(head, dict) else None!r}, expected {fmt!r}")
+    if head.get("version") != version:
+        raise error(f"{path}: {noun} version {head.get('version')} is not supported (expected {version})")
+    return head
+
+
 def read_json(path: str | os.PathLike, max_bytes: int = MAX_JSON_BYTES) -> Any:
     path = Path(path)
     size = path.stat().st_size

@@ -20,7 +20,7 @@ import shutil
 from pathlib import Path
 
 from tessera.errors import TesseraError
-from tessera.storage import atomic_write_json, make_temp_dir, read_json, replace_dir, sha256_dir, sha256_file
+from tessera.storage import atomic_write_json, make_temp_dir, read_header, read_json, replace_dir, sha256_dir, sha256_file
 from tessera.tokenizers.chat import ChatError, ChatTemplate
 from tessera.tokenizers.layout import DEFAULT_MAX_GRID, DEFAULT_RESERVED, LayoutError, VocabLayout
 from tessera.tokenizers.multimodal import MultimodalTokenizer
@@ -152,13 +152,7 @@ def build_bundle(
 
 def read_bundle_spec(bundle: str | Path) -> dict:
     path = Path(bundle) / "tokenizer.json"
-    if not path.is_file():
-        raise BundleError(f"{bundle} is not a tokenizer bundle: {path} is missing")
-    spec = read_json(path)
-    if spec.get("format") != BUNDLE_FORMAT:
-        raise BundleError(f"{path}: format is {spec.get('format')!r}, expected {BUNDLE_FORMAT!r}")
-    if spec.get("version") != BUNDLE_VERSION:
-        raise BundleError(f"{path}: bundle version {spec.get('version')} is not supported (expected {BUNDLE_VERSION})")
+    spec = read_header(path, BUNDLE_FORMAT, BUNDLE_VERSION, "tokenizer bundle", BundleError)
     if spec.get("hash") != _bundle_hash(spec):
         raise BundleError(f"{path}: the stored hash does not match the contents; the file was edited or corrupted")
     return spec

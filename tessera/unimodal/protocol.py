@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from tessera.errors import TesseraError
-from tessera.storage import read_json
+from tessera.storage import read_header
 
 
 @dataclass(frozen=True)
@@ -89,13 +89,7 @@ class CodecError(TesseraError):
 
 def read_codec_meta(path: str | Path) -> dict:
     p = Path(path) / "codec.json"
-    if not p.is_file():
-        raise CodecError(f"{path} is not a codec directory: {p} is missing")
-    meta = read_json(p)
-    if meta.get("format") != CODEC_FORMAT:
-        raise CodecError(f"{p}: format is {meta.get('format')!r}, expected {CODEC_FORMAT!r}")
-    if meta.get("version") != CODEC_VERSION:
-        raise CodecError(f"{p}: codec version {meta.get('version')} is not supported (expected {CODEC_VERSION})")
+    meta = read_header(p, CODEC_FORMAT, CODEC_VERSION, "codec", CodecError)
     if meta.get("kind") not in ("image", "audio"):
         raise CodecError(f"{p}: unknown codec kind {meta.get('kind')!r}")
     if not (Path(path) / "model.safetensors").is_file():
