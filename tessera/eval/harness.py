@@ -36,11 +36,13 @@ class EvalError(TesseraError):
 def find_corpus(run_dir: Path) -> Path:
     """The digits corpus a run was trained on: run config -> shards manifest -> documents.jsonl's folder."""
     cfg = read_json(run_dir / "config.json")
-    manifest = read_json(Path(cfg["data"]) / "manifest.json")
-    for inp in manifest.get("inputs", []):
-        d = Path(inp["path"]).parent
-        if (d / "meta.json").is_file():
-            return d
+    data = cfg["data"]  # one shard set's directory, or a mixture's sets (train/mixture.py)
+    for shards in [data] if isinstance(data, str) else [e["dir"] for e in data]:
+        manifest = read_json(Path(shards) / "manifest.json")
+        for inp in manifest.get("inputs", []):
+            d = Path(inp["path"]).parent
+            if (d / "meta.json").is_file():
+                return d
     raise EvalError(f"cannot find the digits corpus of {run_dir}; pass --data CORPUS")
 
 

@@ -3,7 +3,8 @@
 Documents are drawn per source with mixture weights (`--mix caption=2,draw=1`; by default each source in
 proportion to its documents), each source walked in a fresh pseudo-random order every epoch. The order is a
 keyed Feistel permutation computed on the fly: nothing of size O(corpus) is ever held in memory, and the
-loader's whole state is a few counters and an RNG state (JSON), so it resumes exactly.
+loader's whole state is a few counters and an RNG state (JSON), so it resumes exactly. (Several shard sets
+mixed by weight, `--data NAME=DIR:WEIGHT`: `train/mixture.py`, one of these loaders per set.)
 
 Packing: windows of `seq_len + 1` tokens (inputs and shifted targets). A short look-ahead buffer of documents
 is packed first-fit; a document that fits nowhere waits for the next window, and the rest of the window is
@@ -144,6 +145,11 @@ class _MixtureStream:
         self.pos[s] = [epoch + 1, 0] if cursor == len(docs) else [epoch, cursor]
         return doc
 
+    def drawn(self) -> tuple[int, int]:
+        """(documents drawn so far, documents per epoch), over the sources drawn from."""
+        return (sum(e * len(self.docs[s]) + c for s, (e, c) in self.pos.items()),
+                sum(len(self.docs[s]) for s in self.sources))
+
     def state(self) -> dict:
         return {str(k): v for k, v in self.pos.items()}
 
@@ -172,7 +178,35 @@ class _SequentialStream:
         self.i = st["i"]
 
 
-class PackedLoader:
+class RankStates:
+    """`load_rank_states` for a loader whose state has `window` (its position in the global stream) and whose
+    `load_state_dict(state, any_world)` refuses another world size unless told."""
+
+    world: int
+    rank: int
+
+    def load_rank_states(self, states: list[dict]) -> bool:
+        """Restore this rank's state from the states of every rank of a saved run (in rank order).
+
+        The same number of ranks: each rank takes its own, and the run goes on exactly as if never stopped.
+        Another number: every rank takes the state furthest along the stream. After n windows per rank, the
+        last rank of a W-rank run has planned windows 0 .. nW-1, exactly the ones taken, so its state is
+        the stream's position; from it rank r of W' ranks takes the windows g >= nW with g = r (mod W'). Each
+        global batch is still one contiguous block of the global stream (a window may sit on another rank
+        than in a run of W' ranks from the start), none repeated or skipped. Returns True when the states
+        were re-partitioned that way.
+        """
+        if not states:
+            raise TesseraError("no loader state to restore")
+        if len(states) == self.world:
+            self.load_state_dict(states[self.rank])
+            return False
+        furthest = max(states, key=lambda st: int(st["window"]))
+        self.load_state_dict(furthest, any_world=True)
+        return True
+
+
+class PackedLoader(RankStates):
     """Iterates batches of packed windows for one rank. See the module docstring."""
 
     def __init__(self, shards: str | ShardReader, cfg: LoaderConfig, layout: VocabLayout, *, rank: int = 0,
@@ -306,16 +340,27 @@ class PackedLoader:
         targets = np.where(mask[1:] & same_doc & (doc[1:] < len(pieces)), ids[1:], IGNORE)
         return {"input_ids": ids[:-1], "targets": targets, "positions": pos[:-1], "doc_ids": doc[:-1]}
 
+    def plan(self) -> list[_Piece] | None:
+        """The next window of the global stream, planned (which pieces) but not read; None at the end of a
+        sequential pass. Every rank plans every window; `materialize` reads only its own."""
+        pieces = self._plan_window()
+        if pieces is not None:
+            self.window += 1
+        return pieces
+
+    def materialize(self, pieces: list[_Piece]) -> dict[str, np.ndarray]:
+        """A planned window's arrays (inputs, targets, positions, document ids)."""
+        return self._materialize(pieces)
+
     def next_window(self) -> dict[str, np.ndarray] | None:
         """This rank's next window, or None when a sequential pass is over."""
         while True:
-            pieces = self._plan_window()
+            g = self.window
+            pieces = self.plan()
             if pieces is None:
                 return None
-            g = self.window
-            self.window += 1
             if g % self.world == self.rank:
-                return self._materialize(pieces)
+                return self.materialize(pieces)
 
     def next_batch(self) -> dict[str, torch.Tensor] | None:
         rows = []
@@ -334,6 +379,12 @@ class PackedLoader:
             if b is None:
                 return
             yield b
+
+    def epochs(self) -> float:
+        """Epochs of the training stream so far, fractional: documents drawn and not waiting in the look-ahead
+        buffer, over the documents of the sources drawn from (a set that runs out starts its next epoch)."""
+        drawn, total = self.stream.drawn()
+        return (drawn - len(self.buffer)) / total
 
     # ---------------------------------------------------------------------------------------- state
     def state_dict(self) -> dict:
@@ -363,23 +414,3 @@ class PackedLoader:
         self.window = int(st["window"])
         self._exhausted = bool(st.get("exhausted", False))
         self.stats.update(st.get("stats", {}))
-
-    def load_rank_states(self, states: list[dict]) -> bool:
-        """Restore this rank's state from the states of every rank of a saved run (in rank order).
-
-        The same number of ranks: each rank takes its own, and the run goes on exactly as if never stopped.
-        Another number: every rank takes the state furthest along the stream. After n windows per rank, the
-        last rank of a W-rank run has planned windows 0 .. nW-1, exactly the ones taken, so its state is
-        the stream's position; from it rank r of W' ranks takes the windows g >= nW with g = r (mod W'). Each
-        global batch is still one contiguous block of the global stream (a window may sit on another rank
-        than in a run of W' ranks from the start), none repeated or skipped. Returns True when the states
-        were re-partitioned that way.
-        """
-        if not states:
-            raise TesseraError("no loader state to restore")
-        if len(states) == self.world:
-            self.load_state_dict(states[self.rank])
-            return False
-        furthest = max(states, key=lambda st: int(st["window"]))
-        self.load_state_dict(furthest, any_world=True)
-        return True

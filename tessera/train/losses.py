@@ -18,12 +18,15 @@ from tessera.train.loader import IGNORE, LoaderConfig, PackedLoader
 
 
 def token_losses(logits: torch.Tensor, targets: torch.Tensor, modality: torch.Tensor, z_loss: float = 0.0) -> dict:
-    """Sums (not means) over the target tokens of a micro-batch: CE, z-loss, and CE/counts per modality."""
+    """Sums (not means) over the target tokens of a micro-batch: CE, z-loss, CE/counts per modality, and CE/counts
+    per row (`ce_row`, `n_row`)."""
     V = logits.shape[-1]
     flat, tgt = logits.reshape(-1, V).float(), targets.reshape(-1)
     valid = tgt != IGNORE
     ce = F.cross_entropy(flat, tgt.clamp(min=0), reduction="none") * valid
     out = {"ce": ce.sum(), "count": valid.sum()}
+    # per row (window) of the batch: what a mixture's per-set loss sums (train/mixture.py)
+    out["ce_row"], out["n_row"] = ce.detach().reshape(targets.shape).sum(-1), valid.reshape(targets.shape).sum(-1)
     if z_loss:
         out["z"] = (torch.logsumexp(flat, dim=-1).pow(2) * valid).sum()
     mod = torch.where(valid, modality[tgt.clamp(min=0)], len(MODALITIES))

@@ -9,6 +9,9 @@
     python -m tessera.train.pretrain ... --out run/ --resume
     # start from another run's weights, or a local Llama/Qwen2/Qwen3 directory (train/init_from.py)
     python -m tessera.train.pretrain --tokenizer tok/bundle --data shards/ --out run2/ --init-from run/
+    # a weighted mixture of shard sets (train/mixture.py): each window from one set, drawn by weight
+    python -m tessera.train.pretrain --tokenizer tok/bundle --out run/ \\
+        --data caption=shards/caption:0.45 --data interleaved=shards/obelics:0.45 --data text=shards/text:0.10
 
 `tessera train ...` takes the same arguments. Overrides: `--set key=value` for training keys and
 `--set model.key=value` for model keys; an unknown key is an error.
@@ -16,14 +19,15 @@
 Every step: the loss is summed over all target tokens of the global batch (all ranks, all micro-steps) and
 divided by their global count, so the result does not depend on how the batch is split across processes.
 Logged (metrics.jsonl, TensorBoard, progress bar): loss in total and per modality, z-loss, lr, grad norm,
-tokens/s, MFU, the planned steps. A step whose loss or gradient is NaN/Inf is skipped and counted;
-`max_nan_skips` in a row stop the run with the last good checkpoint kept.
+tokens/s, MFU, the planned steps; with a mixture, each set's weight, epochs, tokens and loss
+(`data/NAME/...`). A step whose loss or gradient is NaN/Inf is skipped and counted; `max_nan_skips` in a
+row stop the run with the last good checkpoint kept.
 
 One run at a time writes a run directory: rank 0 holds an exclusive lock on `OUT/.lock` while it runs, and
 a second run into the same `--out` is refused. `--resume` restores every rank's loader state and refuses
-`--data` other than the run's; a new run does not replace an earlier run's metrics without `--force`.
-The launch mode is each invocation's own: a run trained with `--fsdp` resumes in one process or under DDP,
-and the reverse (the checkpoints hold full, unsharded state).
+`--data` other than the run's (another set, or a mixture with other sets or weights); a new run does not
+replace an earlier run's metrics without `--force`. The launch mode is each invocation's own: a run trained
+with `--fsdp` resumes in one process or under DDP, and the reverse (the checkpoints hold full, unsharded state).
 
 The LR schedule's length is `steps` when set; otherwise the budget's plan (`RunBudget`): `--max-steps`, or
 with `--max-minutes` the steps that fit in the time at the measured throughput (the smaller, with both), so
@@ -36,8 +40,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import hashlib
-import json
 import math
 import os
 import shutil
@@ -73,7 +75,7 @@ from tessera.runtime.schedule import DEFAULT_STEPS, SCHEDULES, RunBudget, add_bu
 from tessera.storage import atomic_write_json, read_json, save_tensors
 from tessera.tokenizers.bundle import read_bundle_spec
 from tessera.tokenizers.layout import VocabLayout
-from tessera.train import init_from
+from tessera.train import init_from, mixture
 from tessera.train.ema import WeightEMA
 from tessera.train.loader import IGNORE, LoaderConfig, PackedLoader, parse_mix
 from tessera.train.losses import LossMeter, add_token_losses, compiled_token_losses, evaluate, token_losses
@@ -233,16 +235,6 @@ def _parse_overrides(items: list[str]) -> tuple[list[str], list[str]]:
     return model, train
 
 
-def data_fingerprint(manifest: dict) -> str:
-    """The identity of a shard set: its manifest (tokenizer hash, inputs with their sizes and times, settings,
-    shards, sources, counts, skips) without what does not change the data (timing, worker count, device, the
-    bundle's path). Moving the shard directory keeps it; other inputs or another pretokenization change it."""
-    ident = {k: v for k, v in manifest.items() if k not in ("seconds", "bundle")}
-    if isinstance(ident.get("config"), dict):
-        ident["config"] = {k: v for k, v in ident["config"].items() if k not in ("workers", "device")}
-    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode("utf-8")).hexdigest()
-
-
 def prepare_run(args, env) -> tuple[ModelConfig, TrainConfig, dict, bool, dict | None]:
     """Resolve configs, check the bundle against the data and any existing run; returns (model cfg, train
     cfg, bundle spec, resuming, the --init-from record or None). Reads only: nothing is written or deleted
@@ -253,14 +245,8 @@ def prepare_run(args, env) -> tuple[ModelConfig, TrainConfig, dict, bool, dict |
                        "(which holds the imported weights); --init-from starts a new one")
     spec = read_bundle_spec(args.tokenizer)
     layout = VocabLayout.from_dict(spec["layout"])
-    manifest = read_manifest(args.data)
-    if not manifest.get("complete"):
-        raise RunError(f"{args.data}: pretokenization did not finish; run `tessera data pretokenize` again to resume")
-    if manifest["tokenizer_hash"] != spec["hash"]:
-        raise RunError(
-            f"{args.data} was tokenized with bundle {manifest['tokenizer_hash'][:12]}, but --tokenizer {args.tokenizer} "
-            f"is {spec['hash'][:12]}"
-        )
+    data_sets = mixture.parse_data(args.data)  # one shard set, or a weighted mixture (train/mixture.py)
+    manifests = mixture.read_sets(data_sets, spec, args.tokenizer)
     if args.eval_data:
         em = read_manifest(args.eval_data)
         if em["tokenizer_hash"] != spec["hash"]:
@@ -277,10 +263,7 @@ def prepare_run(args, env) -> tuple[ModelConfig, TrainConfig, dict, bool, dict |
             raise RunError(f"{out} already holds a run with checkpoints; pass --resume to continue it, or use a new --out")
         if has_ckpt:
             resuming = True
-            saved = run.get("data_fingerprint")
-            if saved and saved != data_fingerprint(manifest):
-                raise RunError(f"--data {args.data} is not the data {out} was trained on ({run.get('data')}; its "
-                               f"manifest differs): resume with that data, or start a new --out")
+            mixture.check_resume(run, data_sets, manifests, out)
             mcfg = from_dict(ModelConfig, run["model"])
             tcfg = apply_overrides(from_dict(TrainConfig, run["train"]), train_over)
             init, resumed_freeze = run.get("init_from"), run["train"].get("freeze", "")
@@ -319,6 +302,7 @@ def prepare_run(args, env) -> tuple[ModelConfig, TrainConfig, dict, bool, dict |
         raise RunError(f"the model has {mcfg.vocab_size} embedding rows but the bundle's vocabulary needs "
                        f"{layout.padded_vocab_size}")
     parse_mix(tcfg.mix)  # fail early on a bad --mix
+    mixture.check_options(data_sets, tcfg.mix)
     if tcfg.keep_best and not args.eval_data:
         raise ConfigError("keep_best keeps the weights with the lowest held-out loss: it needs --eval-data")
     return mcfg, tcfg, spec, resuming, init
@@ -334,10 +318,15 @@ def write_run_files(out: Path, mcfg: ModelConfig, tcfg: TrainConfig, spec: dict,
     atomic_write_json(out / "config.json", {
         "format": RUN_FORMAT, "version": RUN_VERSION, "model": to_dict(mcfg), "train": to_dict(tcfg),
         "tokenizer_hash": spec["hash"], "layout": spec["layout"],
-        "data": str(Path(args.data).resolve()), "data_fingerprint": data_fingerprint(read_manifest(args.data)),
+        **mixture.run_config(*_data_sets(args.data)),
         "eval_data": str(Path(args.eval_data).resolve()) if args.eval_data else None,
         **({"init_from": init} if init else {}),
     })
+
+
+def _data_sets(data) -> tuple[list, list[dict]]:
+    sets = mixture.parse_data(data)
+    return sets, [read_manifest(s.dir) for s in sets]
 
 
 def restore_loader(loader: PackedLoader, state: dict, env, tcfg: TrainConfig) -> None:
@@ -455,9 +444,13 @@ def _train_locked(args, env) -> dict:
         autocast_dtype = dtype
     core = unwrap(model)
     optimizer = build_optimizer(model, tcfg, env.device)
-    loader = PackedLoader(args.data, LoaderConfig(seq_len=tcfg.seq_len, batch_size=tcfg.batch_size, seed=tcfg.seed,
-                                                  mix=parse_mix(tcfg.mix) or None, cond_dropout=tcfg.cond_dropout),
-                          layout, rank=env.rank, world_size=env.world_size)
+    loader = mixture.make_loader(mixture.parse_data(args.data),
+                                 LoaderConfig(seq_len=tcfg.seq_len, batch_size=tcfg.batch_size, seed=tcfg.seed,
+                                              mix=parse_mix(tcfg.mix) or None, cond_dropout=tcfg.cond_dropout),
+                                 layout, rank=env.rank, world_size=env.world_size)
+    mix_meter = mixture.MixtureMeter(loader, tcfg.seq_len) if isinstance(loader, mixture.MixtureLoader) else None
+    if mix_meter and env.is_main:
+        print(f"[tessera] data: a mixture of {loader.describe()}")
     ckpt = CheckpointManager(out, keep=tcfg.keep_checkpoints)
     step, nan_skips, tokens_seen = 0, 0, 0
     schedule = None
@@ -568,6 +561,7 @@ def _train_locked(args, env) -> dict:
         n_tokens = torch.tensor([sum(int((b["targets"] != IGNORE).sum()) for b in batches)], device=env.device)
         global_count = max(1, int(all_reduce(n_tokens.clone()).item()))
         step_losses = LossMeter()
+        mix_sums = torch.zeros(mix_meter.width, dtype=torch.float64, device=env.device) if mix_meter else None
         for i, b in enumerate(batches):
             last = i == len(batches) - 1
             sync = contextlib.nullcontext()
@@ -586,7 +580,11 @@ def _train_locked(args, env) -> dict:
                 # DDP/FSDP average gradients over ranks; scale so the result is sum / global count.
                 (loss * env.world_size / global_count).backward()
             add_token_losses(step_losses, r)
+            if mix_meter:
+                mix_sums += mix_meter.sums(r, b)
         step_loss = step_losses.all_reduce().mean("loss", empty=0.0)
+        if mix_meter:  # per-set sums: a second collective, for mixtures only
+            all_reduce(mix_sums)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
         if hasattr(grad_norm, "full_tensor"):
             grad_norm = grad_norm.full_tensor()
@@ -598,6 +596,8 @@ def _train_locked(args, env) -> dict:
             progress.write(f"[tessera] first step, compiling included: {compile_seconds:.1f}s")
         budget.plan(step)
         tokens_seen += sum(b["input_ids"].numel() for b in batches) * env.world_size
+        if mix_meter:
+            mix_meter.update(mix_sums, finite=math.isfinite(step_loss) and math.isfinite(grad_norm))
         if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):
             optimizer.zero_grad(set_to_none=True)
             nan_skips += 1
@@ -630,6 +630,8 @@ def _train_locked(args, env) -> dict:
                    "planned_steps": budget.planned_steps}
             if nan_skips:
                 rec["nan_skips"] = nan_skips
+            if mix_meter:
+                rec.update(mix_meter.record())
             metrics.log(step, **rec)
             progress.update(step, loss=rec["loss"], lr=rec["lr"], tok_s=f"{tps:.0f}",
                             **({"mfu": f"{100 * rec['mfu']:.1f}%"} if rec["mfu"] else {}))
@@ -674,7 +676,12 @@ def _train_locked(args, env) -> dict:
 def add_pretrain_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", help="model preset: tiny, demo (the default), small, 1b, 7b")
     p.add_argument("--tokenizer", required=True, metavar="BUNDLE")
-    p.add_argument("--data", required=True, metavar="SHARDS")
+    p.add_argument("--data", required=True, action="append", metavar="SHARDS | NAME=SHARDS:WEIGHT",
+                   help="the shard set of `tessera data pretokenize`; or, repeated with names and weights, a mixture: "
+                        "--data caption=DIR1:0.45 --data text=DIR2:0.55 draws each window from a set with probability "
+                        "weight / sum of weights (seeded; every set must share --tokenizer's bundle; a set that runs "
+                        "out starts a new epoch; metrics.jsonl logs data/NAME/{weight,epochs,tokens,loss}; "
+                        "docs/data.md)")
     p.add_argument("--eval-data", metavar="SHARDS", help="held-out shards for periodic per-modality loss")
     p.add_argument("--out", required=True, metavar="RUN")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")

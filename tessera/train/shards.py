@@ -17,6 +17,8 @@ when the run ends or its process dies), so a second run into the same directory 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import secrets
 from dataclasses import dataclass
@@ -83,6 +85,16 @@ def read_manifest(shards_dir: str | Path) -> dict:
 
 def write_manifest(shards_dir: Path, manifest: dict) -> None:
     atomic_write_json(Path(shards_dir) / "manifest.json", manifest)
+
+
+def data_fingerprint(manifest: dict) -> str:
+    """The identity of a shard set: its manifest (tokenizer hash, inputs with their sizes and times, settings,
+    shards, sources, counts, skips) without what does not change the data (timing, worker count, device, the
+    bundle's path). Moving the shard directory keeps it; other inputs or another pretokenization change it."""
+    ident = {k: v for k, v in manifest.items() if k not in ("seconds", "bundle")}
+    if isinstance(ident.get("config"), dict):
+        ident["config"] = {k: v for k, v in ident["config"].items() if k not in ("workers", "device")}
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode("utf-8")).hexdigest()
 
 
 @dataclass
