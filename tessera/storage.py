@@ -81,16 +81,18 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
-def read_header(path: Path, fmt: str, version: int, noun: str, error: type[Exception]) -> dict:
+def read_header(path: Path, fmt: str, version: int | tuple[int, ...], noun: str, error: type[Exception]) -> dict:
     """A directory's JSON header file (a bundle's tokenizer.json, a codec's codec.json), checked for its
-    format and version; `error(...)` says what is wrong, naming the directory as a `noun`."""
+    format and version (one, or a tuple of those this tessera reads); `error(...)` says what is wrong."""
     if not path.is_file():
         raise error(f"{path.parent} is not a {noun} directory: {path} is missing")
     head = read_json(path)
     if not isinstance(head, dict) or head.get("format") != fmt:
         raise error(f"{path}: format is {head.get('format') if isinstance(head, dict) else None!r}, expected {fmt!r}")
-    if head.get("version") != version:
-        raise error(f"{path}: {noun} version {head.get('version')} is not supported (expected {version})")
+    versions = version if isinstance(version, tuple) else (version,)
+    if head.get("version") not in versions:
+        raise error(f"{path}: {noun} version {head.get('version')} is not supported (this tessera reads "
+                    f"{', '.join(map(str, versions))})")
     return head
 
 

@@ -88,3 +88,34 @@ def codec_bundle(tmp_path_factory, text_dir):
     AudioCodec.save_model(audio, d / "audio")
     build_bundle(d / "bundle", text_dir, d / "image", d / "audio", max_grid=16)
     return d / "bundle"
+
+
+@pytest.fixture(scope="session")
+def hf_text_dir(tmp_path_factory):
+    """A tiny Llama-style Hugging Face tokenizer folder (byte-level BPE; <unk> <s> </s> at 0, 1, 2)."""
+    from fixtures import make_hf_tokenizer
+
+    d = tmp_path_factory.mktemp("hf_text") / "tok"
+    make_hf_tokenizer(d, "llama")
+    return d
+
+
+@pytest.fixture(scope="session")
+def hf_fixture_tokenizer(hf_text_dir):
+    """`fixture_tokenizer` with the HF tokenizer of `hf_text_dir` as its text part."""
+    from fixtures import FrameLevelAudioCodec, PatchMeanImageCodec
+
+    from tessera.tokenizers import MultimodalTokenizer, VocabLayout
+    from tessera.unimodal.hf_text import HFTextTokenizer
+
+    text = HFTextTokenizer.from_folder(hf_text_dir)
+    img, aud = PatchMeanImageCodec(), FrameLevelAudioCodec()
+    layout = VocabLayout(
+        text_size=text.vocab_size,
+        image_codebook_size=img.info.codebook_size,
+        audio_codebook_size=aud.info.codebook_size,
+        audio_levels=aud.info.levels,
+        max_grid=16,
+        n_reserved=8,
+    )
+    return MultimodalTokenizer(layout, text, img, aud)

@@ -273,3 +273,56 @@ class ScriptedJudge:
     def predict(self, media, **kwargs):
         self.seen.append((len(media), kwargs))
         return [self.predicted] * len(media)
+
+
+HF_WORDS = ["seven", "eight", "digit", "a", "the", "drawing", "of", "is", "what", "this", "written", "number",
+            "café", "naïve", "日本語", "テキスト", "emoji", "😀", "Съешь", "булок", "1234", "tabs\tand", "new\nline"]
+
+
+def make_hf_tokenizer(out, style: str = "llama", vocab_size: int = 400, seed: int = 0):
+    """Train a tiny byte-level BPE with the `tokenizers` library and save it as a transformers tokenizer folder.
+
+    style "llama": <unk> <s> </s> at ids 0, 1, 2, bos <s>, eos </s> (Llama's special tokens); "qwen": no BOS,
+    <|endoftext|> <|im_start|> <|im_end|> added after the vocabulary, eos <|endoftext|> (Qwen's)."""
+    import random
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    rng = random.Random(seed)
+    lines = [" ".join(rng.choice(HF_WORDS) for _ in range(rng.randint(3, 12))) for _ in range(300)]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<unk>", "<s>", "</s>"] if style == "llama" else []
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(lines, trainer)
+    if style == "llama":
+        hf = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    else:
+        tok.add_special_tokens(["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
+        hf = PreTrainedTokenizerFast(
+            tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>",
+            chat_template="{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}")
+    hf.save_pretrained(out)
+    return hf
+
+
+def hf_model(kind, out, vocab, *, tie=False, shard=False, **extra):
+    """A tiny transformers model with non-trivial norms and biases, saved as safetensors; returns the model."""
+    import transformers
+
+    cls = {"llama": "Llama", "qwen2": "Qwen2", "qwen3": "Qwen3"}[kind]
+    config = getattr(transformers, f"{cls}Config")(
+        vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-6, rope_theta=50000.0,
+        tie_word_embeddings=tie, **({"head_dim": 16} if kind == "qwen3" else {}), **extra)
+    torch.manual_seed(0)
+    model = getattr(transformers, f"{cls}ForCausalLM")(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.add_(torch.randn_like(p) * 0.1)
+    model.save_pretrained(out, safe_serialization=True, **({"max_shard_size": "40KB"} if shard else {}))
+    return model

@@ -6,7 +6,7 @@ import types
 
 import pytest
 import torch
-from fixtures import torchrun_argv
+from fixtures import hf_model, torchrun_argv
 
 from tessera.model.transformer import Transformer
 from tessera.runtime.monitor import read_metrics
@@ -34,25 +34,6 @@ def corpus(tmp_path_factory, text_dir):
 
 def text_size(bundle):
     return VocabLayout.from_dict(read_bundle_spec(bundle)["layout"]).text_size
-
-
-def hf_model(kind, out, vocab, *, tie=False, shard=False, **extra):
-    """A tiny transformers model with non-trivial norms and biases, saved as safetensors; returns the model."""
-    import transformers
-
-    cls = {"llama": "Llama", "qwen2": "Qwen2", "qwen3": "Qwen3"}[kind]
-    config = getattr(transformers, f"{cls}Config")(
-        vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-6, rope_theta=50000.0,
-        tie_word_embeddings=tie, **({"head_dim": 16} if kind == "qwen3" else {}), **extra)
-    torch.manual_seed(0)
-    model = getattr(transformers, f"{cls}ForCausalLM")(config).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 1:
-                p.add_(torch.randn_like(p) * 0.1)
-    model.save_pretrained(out, safe_serialization=True, **({"max_shard_size": "40KB"} if shard else {}))
-    return model
 
 
 def imported(path, bundle, **train):

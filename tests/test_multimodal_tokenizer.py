@@ -1,4 +1,5 @@
-"""Span logic of the multimodal tokenizer, on deterministic fixture codecs."""
+"""Span logic of the multimodal tokenizer, on deterministic fixture codecs; every test runs with a SentencePiece
+text tokenizer and with an existing model's (a Hugging Face byte-level BPE, `--text-from-hf`)."""
 
 import warnings
 
@@ -12,6 +13,11 @@ from tessera.tokenizers import AudioCodes, ImageCodes, MalformedSpanError, Malfo
 from tessera.unimodal.media import Audio
 
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+@pytest.fixture(params=["sentencepiece", "hf"])
+def fixture_tokenizer(request):
+    return request.getfixturevalue("fixture_tokenizer" if request.param == "sentencepiece" else "hf_fixture_tokenizer")
 
 
 def normalize(segments):

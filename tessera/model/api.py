@@ -74,7 +74,7 @@ class Tessera:
         self.tokenizer = tokenizer
         self.run_dir = run_dir
         self.device = next(model.parameters()).device
-        self.fsm = SpanFSM(tokenizer.layout, tokenizer.eos_id, device=self.device)
+        self.fsm = SpanFSM(tokenizer.layout, tokenizer.eos_id, device=self.device, bos_id=tokenizer.bos_id)
         self._step_fn = None
         self.draft: Tessera | None = None  # the default draft model of speculative decoding (`set_draft`)
         self.draft_tokens = DEFAULT_DRAFT_TOKENS

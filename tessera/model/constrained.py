@@ -39,7 +39,7 @@ class FSMConfig:
 
 
 class SpanFSM:
-    def __init__(self, layout: VocabLayout, eos_id: int, device="cpu"):
+    def __init__(self, layout: VocabLayout, eos_id: int, device="cpu", bos_id: int = 1):
         self.L = L = layout
         self.eos = eos_id
         V = layout.padded_vocab_size
@@ -57,9 +57,11 @@ class SpanFSM:
             return len(rows) - 1
 
         text = L.ranges["text"]
-        # Text pieces, minus <s> (a document start never appears mid-generation); </s> ends the row.
+        # Text pieces, minus BOS (a document start never appears mid-generation); EOS ends the row. A text
+        # tokenizer without a BOS of its own delimits documents with its EOS (hf_text): that one stays allowed.
         self.R_TEXT = row(ranges=[(text.offset, text.end)])
-        rows[self.R_TEXT][1] = False  # <s>
+        if bos_id != eos_id:
+            rows[self.R_TEXT][bos_id] = False
         self.R_H = row(ranges=[(L.h_offset, L.w_offset)])
         self.R_W = row(ranges=[(L.w_offset, L.reserved_offset)])
         img = L.ranges["image"]

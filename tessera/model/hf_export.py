@@ -11,7 +11,9 @@ fused QKV and gate/up projections, writes a transformers tokenizer, and copies t
       tessera_tokenizer/                                         (tessera.tokenizers.load_bundle)
 
 The ids are tessera's unified vocabulary. The transformers tokenizer encodes and decodes text exactly as
-tessera does and names every special and code id (`<boi>`, `<img:123>`, `<aud0:45>`; see `hf_tokenizer`);
+tessera does and names every special and code id (`<boi>`, `<img:123>`, `<aud0:45>`; see `hf_tokenizer`); for
+a bundle built from an existing model's tokenizer (`--text-from-hf`) it is that tokenizer with the specials
+and codes added at the bundle's ids;
 turning image and audio codes into pixels and waveforms needs the bundle (`MultimodalTokenizer.decode`).
 """
 

@@ -1,5 +1,17 @@
 """A transformers tokenizer for an HF export, built offline from a tokenizer bundle.
 
+A bundle whose text part is an existing model's HF tokenizer (`--text-from-hf`, `hf_text_tokenizer`) exports
+that tokenizer as it is, its vocabulary, normalizer, pre-tokenizer, decoder and added tokens unchanged, with
+every id past its text range added as a special token named as below, at exactly the bundle's id (a name the
+original already has, such as `<pad>`, becomes `<tessera:pad>`). The post
+processor is replaced by one that prepends the bundle's BOS, as tessera's prompts start (for a tokenizer
+without a BOS, its EOS); `clean_up_tokenization_spaces` is off, so decoding is tessera's. The original's
+`chat_template` is kept. As in transformers for any added token, text that spells a token's name ("<boi>",
+"<img:3>") encodes to that token, so a string can spell a code span and `decode` gives one back; tessera's own
+encoding spells such text as text pieces, the one place where the two tokenizers differ.
+
+For a SentencePiece bundle (`hf_tokenizer`):
+
 - Text: the bundle's SentencePiece BPE model rebuilt as a `tokenizers` BPE model with byte fallback: the same
   pieces at the same ids, and merges ranked by the score of the piece they make (SentencePiece merges the
   adjacent pair whose result scores highest; `tokenizers` merges the pair of lowest rank). " " becomes "▁"
@@ -23,16 +35,17 @@ from pathlib import Path
 
 from tessera.errors import TesseraError
 from tessera.storage import atomic_write_json, read_json
-from tessera.tokenizers.bundle import read_bundle_spec
+from tessera.tokenizers.bundle import load_text, read_bundle_spec, text_kind
 from tessera.tokenizers.layout import VocabLayout
+from tessera.unimodal.hf_text import HFTextTokenizer, read_hf_config
 from tessera.unimodal.text import TextTokenizer
 
 
-def added_token_name(layout: VocabLayout, i: int) -> str:
-    """The name of non-text id `i` in the exported tokenizer."""
-    if i >= layout.vocab_size:
-        return f"<unused:{i - layout.vocab_size}>"
-    return layout.token_name(i)
+def added_token_name(layout: VocabLayout, i: int, taken=frozenset()) -> str:
+    """The name of non-text id `i` in the exported tokenizer; a name the text tokenizer already has (in
+    `taken`) is spelled `<tessera:NAME>` instead."""
+    name = f"<unused:{i - layout.vocab_size}>" if i >= layout.vocab_size else layout.token_name(i)
+    return f"<tessera:{name[1:-1]}>" if name in taken else name
 
 
 def text_backend(text: TextTokenizer):
@@ -95,6 +108,47 @@ def hf_tokenizer(layout: VocabLayout, text: TextTokenizer, model_max_length: int
     )
 
 
+def hf_text_tokenizer(layout: VocabLayout, text: HFTextTokenizer, model_max_length: int | None = None,
+                      config: dict | None = None):
+    """A `PreTrainedTokenizerFast` over the whole padded vocabulary of `layout`, whose text part is `text`, an
+    existing model's tokenizer (`config`: its tokenizer_config.json, for the unk token and chat template)."""
+    from tokenizers import AddedToken, Tokenizer, processors
+    from transformers import PreTrainedTokenizerFast
+
+    if text.vocab_size != layout.text_size:
+        raise TesseraError(f"the text tokenizer has {text.vocab_size} ids, the layout's text range "
+                           f"{layout.text_size}")
+    config = config or {}
+    backend = Tokenizer.from_str(text.tok.to_str())
+    start = layout.ranges["text"].end
+    taken = set(backend.get_vocab(with_added_tokens=True))
+    names = [added_token_name(layout, i, taken) for i in range(start, layout.padded_vocab_size)]
+    backend.add_special_tokens([AddedToken(n, special=True, normalized=False) for n in names])
+    wrong = [(n, i, backend.token_to_id(n)) for i, n in enumerate(names, start) if backend.token_to_id(n) != i]
+    if wrong:
+        n, i, got = wrong[0]
+        raise TesseraError(f"the exported tokenizer's ids do not line up with the vocabulary layout: {n} is id {got}, "
+                           f"the layout's {i} (the text tokenizer's ids are not contiguous)")
+    bos, eos = text.bos_token, text.eos_token
+    backend.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B:1",
+                                                           special_tokens=[(bos, text.bos_id)])
+    unk = config.get("unk_token")
+    unk = unk.get("content") if isinstance(unk, dict) else unk
+    extra = {"chat_template": config["chat_template"]} if config.get("chat_template") else {}
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token=bos,
+        eos_token=eos,
+        pad_token=added_token_name(layout, layout.pad, taken),
+        **({"unk_token": unk} if unk and backend.token_to_id(unk) is not None else {}),
+        add_bos_token=True,
+        add_eos_token=False,
+        clean_up_tokenization_spaces=False,
+        **({"model_max_length": model_max_length} if model_max_length else {}),
+        **extra,
+    )
+
+
 def save_hf_tokenizer(bundle_dir: str | Path, out: str | Path, model_max_length: int | None = None) -> None:
     """Write a bundle's tokenizer.json and tokenizer_config.json into `out`.
 
@@ -103,8 +157,12 @@ def save_hf_tokenizer(bundle_dir: str | Path, out: str | Path, model_max_length:
     bundle_dir = Path(bundle_dir)
     spec = read_bundle_spec(bundle_dir)
     layout = VocabLayout.from_dict(spec["layout"])
-    text = TextTokenizer.load(bundle_dir / spec["text"]["path"])
-    hf_tokenizer(layout, text, model_max_length).save_pretrained(out)
+    text = load_text(bundle_dir, spec)
+    if text_kind(spec) == "hf":
+        config = read_hf_config(bundle_dir / spec["text"]["path"])
+        hf_text_tokenizer(layout, text, model_max_length, config).save_pretrained(out)
+    else:
+        hf_tokenizer(layout, text, model_max_length).save_pretrained(out)
     cfg_path = Path(out) / "tokenizer_config.json"
     cfg = read_json(cfg_path)
     cfg.update(tokenizer_class="PreTrainedTokenizerFast", add_bos_token=True, add_eos_token=False)

@@ -10,7 +10,15 @@ from tessera.tokenizers.layout import DEFAULT_MAX_GRID, DEFAULT_RESERVED, VocabL
 
 
 def add_build_arguments(p) -> None:
-    p.add_argument("--text", required=True, metavar="DIR", help="text tokenizer directory (tessera tokenizer train text)")
+    text = p.add_mutually_exclusive_group(required=True)
+    text.add_argument("--text", metavar="DIR", help="text codec directory (tessera tokenizer train text)")
+    text.add_argument("--text-from-hf", metavar="DIR",
+                      help="an existing model's Hugging Face tokenizer folder (tokenizer.json): its ids, unchanged, "
+                           "are the text range")
+    p.add_argument("--bos", metavar="TOKEN", help="with --text-from-hf: the token that starts a document (default: "
+                                                  "the tokenizer's bos_token, else its eos_token)")
+    p.add_argument("--eos", metavar="TOKEN", help="with --text-from-hf: the token that ends a document (default: the "
+                                                  "tokenizer's eos_token)")
     p.add_argument("--image", metavar="DIR", help="image codec directory")
     p.add_argument("--audio", metavar="DIR", help="audio codec directory")
     p.add_argument("--out", required=True, metavar="BUNDLE")
@@ -31,9 +39,9 @@ def run_build(args) -> int:
             chat = json.loads(Path(args.chat_template).read_text(encoding="utf-8"))
         except (OSError, ValueError) as e:
             raise BundleError(f"--chat-template {args.chat_template}: {e}") from None
-    spec = build_bundle(args.out, args.text, args.image, args.audio, max_grid=args.max_grid,
-                        n_reserved=args.reserved, audio_levels=args.audio_levels, chat_template=chat,
-                        force=args.force)
+    spec = build_bundle(args.out, args.text, args.image, args.audio, text_from_hf=args.text_from_hf, bos=args.bos,
+                        eos=args.eos, max_grid=args.max_grid, n_reserved=args.reserved,
+                        audio_levels=args.audio_levels, chat_template=chat, force=args.force)
     print(describe(spec))
     print(f"bundle -> {args.out}")
     return 0
@@ -42,6 +50,12 @@ def run_build(args) -> int:
 def describe(spec: dict) -> str:
     L = VocabLayout.from_dict(spec["layout"])
     lines = [f"bundle {spec['hash'][:12]}  vocab {L.vocab_size} (embedding rows {L.padded_vocab_size})"]
+    t = spec["text"]
+    if t.get("kind") == "hf":
+        lines.append(f"  text: a Hugging Face tokenizer, documents {t['bos']['token']} ({t['bos']['id']}) ... "
+                     f"{t['eos']['token']} ({t['eos']['id']})")
+    else:
+        lines.append("  text: SentencePiece, documents <s> ... </s>")
     for name, r in L.ranges.items():
         if r.size:
             lines.append(f"  {name:<8} [{r.offset:>7}, {r.end:>7})  {r.size}")

@@ -2,7 +2,8 @@
 
     [ text | special | image | audio level 0 | audio level 1 | ... ]  padded to a multiple of 128
 
-- text: SentencePiece ids, unchanged (0 <unk>, 1 <s>, 2 </s>).
+- text: the text tokenizer's ids, unchanged: SentencePiece's (0 <unk>, 1 <s>, 2 </s>), or all the ids of an
+  existing model's HF tokenizer, its added tokens included (`tessera.unimodal.hf_text`).
 - special: <boi> <eoi> <boa> <eoa> <pad>, then <h:1>..<h:G> and <w:1>..<w:G> (grid sizes of an image span,
   in codes), then reserved slots for specials added later without moving the code ranges.
 - image: `image.offset + code`.

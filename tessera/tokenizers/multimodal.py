@@ -6,7 +6,8 @@ Span formats (ids from `VocabLayout`):
     audio:  <boa> c(0,0) c(0,1) .. c(0,n_q-1)  c(1,0) ... c(F-1,n_q-1) <eoa>   frame by frame; c(t,q) is a
             level-q id, so position q of every frame holds a level-q code (AnyGPT's flattening)
 
-Text pieces are SentencePiece ids; `<s>`/`</s>` mark document boundaries.
+Text pieces are the text tokenizer's ids (SentencePiece, or an existing model's HF tokenizer); its BOS and EOS
+(`<s>`/`</s>` for SentencePiece) mark document boundaries.
 
 Decoding policy for malformed id sequences (what a sampled or corrupted sequence can contain):
 
@@ -19,7 +20,7 @@ Decoding policy for malformed id sequences (what a sampled or corrupted sequence
   id, an id beyond the vocabulary) is a stray token.
 - strict mode raises `MalformedSpanError` naming the problem and its position.
 - lenient mode (the default) drops the broken span or stray token with a `MalformedSpanWarning` and keeps
-  every text piece around it. `<pad>`, `<s>` and `</s>` are dropped silently in both modes.
+  every text piece around it. `<pad>`, BOS and EOS are dropped silently in both modes.
 
 `decode` returns normalized segments: adjacent text is merged, empty text is dropped.
 """
@@ -38,6 +39,7 @@ from PIL import Image
 from tessera.errors import TesseraError
 from tessera.tokenizers.chat import DEFAULT_CHAT, ChatTemplate
 from tessera.tokenizers.layout import VocabLayout
+from tessera.unimodal.hf_text import HFTextTokenizer
 from tessera.unimodal.media import Audio, audio_to_tensor, pil_to_tensor, tensor_to_pil, to_rgb
 from tessera.unimodal.protocol import AudioCodecLike, ImageCodecLike, fit_image_size
 from tessera.unimodal.text import TextTokenizer
@@ -96,7 +98,7 @@ class MultimodalTokenizer:
     def __init__(
         self,
         layout: VocabLayout,
-        text: TextTokenizer,
+        text: TextTokenizer | HFTextTokenizer,
         image_codec: ImageCodecLike | None = None,
         audio_codec: AudioCodecLike | None = None,
         *,

@@ -15,7 +15,10 @@ PATH is one of:
 
 The source's rows of the embedding and output tables are copied to the ids they stand for (an HF model's
 ids are the bundle's text ids; its vocabulary must be the size of the bundle's text range, unless
-`init_allow_vocab_mismatch`). Every other row is new: code rows start from the codecs' code vectors
+`init_allow_vocab_mismatch`). With a bundle built from the model's own tokenizer (`--text-from-hf`), the
+model folder's tokenizer.json must hold the same tokens at the same ids as the bundle's (the message says
+whether the number of ids or the tokens differ); the model's embedding rows past its tokenizer's last id
+(a table padded for speed) are not copied. Every other row is new: code rows start from the codecs' code vectors
 (`init_code_embeddings`, when `code_embedding_init`), mapped to the per-dimension mean and spread of
 the copied rows; the rest are drawn from that mean and spread. At step 0 the imported model's logits over
 its own vocabulary are the source's.
@@ -271,6 +274,8 @@ def _row_map(src: Source, layout: VocabLayout, spec: dict, tcfg) -> list[tuple[i
     where = f"--init-from {src.path}"
     allow = tcfg.init_allow_vocab_mismatch
     text = layout.ranges["text"]
+    if src.kind == "hf" and spec["text"].get("kind") == "hf":
+        return _hf_text_rows(src, spec, text.size, allow)
     if src.kind == "hf":
         if src.vocab != text.size and not allow:
             raise InitFromError(
@@ -308,6 +313,44 @@ def _row_map(src: Source, layout: VocabLayout, spec: dict, tcfg) -> list[tuple[i
                                 f"{layout.audio_levels}; the vocabulary may grow, not shrink")
         for q in range(old.audio_levels):
             rows.append((layout.ranges[f"audio.{q}"].offset, old.ranges[f"audio.{q}"].offset, old.audio_codebook_size))
+    return rows
+
+
+def _hf_text_rows(src: Source, spec: dict, n_text: int, allow: bool) -> list[tuple[int, int, int]]:
+    """An HF model and a bundle whose text part is an HF tokenizer: the ids map 1:1 when the bundle was built
+    from the model's own tokenizer, which the model folder's tokenizer.json shows (the same (id, token) pairs).
+    The model may have more embedding rows than its tokenizer has ids (Qwen pads its table to a multiple of
+    128); those rows stand for no token and are not copied."""
+    where = f"--init-from {src.path}"
+    hint = ("--set init_allow_vocab_mismatch=true imports it anyway (for experiments: ids "
+            f"0..{min(src.vocab, n_text) - 1} are copied by number, whatever they stand for)")
+    rows = [(0, 0, min(src.vocab, n_text))]
+    if allow:
+        return rows
+    tok_file = src.path / "tokenizer.json"
+    if tok_file.is_file():
+        from tessera.unimodal.hf_text import HFTextError, load_tokenizers_file, vocab_fingerprint
+
+        try:
+            tok = load_tokenizers_file(tok_file)
+        except HFTextError as e:
+            raise InitFromError(f"{where}: {e}") from None
+        vocab = tok.get_vocab(with_added_tokens=True)
+        n = max(vocab.values()) + 1 if vocab else 0
+        if n != n_text:
+            raise InitFromError(f"{where}: the model's tokenizer ({tok_file}) has {n} ids, but the bundle's text "
+                                f"tokenizer has {n_text}: the bundle was built from another tokenizer (build it with "
+                                f"--text-from-hf {src.path}). {hint}")
+        if vocab_fingerprint(tok) != spec["text"]["vocab_sha256"]:
+            raise InitFromError(f"{where}: the model's tokenizer ({tok_file}) and the bundle's text tokenizer both have "
+                                f"{n} ids, but not the same tokens at them: the bundle was built from another "
+                                f"tokenizer (build it with --text-from-hf {src.path}). {hint}")
+    elif src.vocab != n_text:
+        raise InitFromError(f"{where}: the model's vocabulary has {src.vocab} ids and the bundle's text tokenizer "
+                            f"{n_text}, and the folder has no tokenizer.json to show which tokens they are. {hint}")
+    if src.vocab < n_text:
+        raise InitFromError(f"{where}: the model has {src.vocab} embedding rows, fewer than its tokenizer's {n_text} "
+                            f"ids")
     return rows
 
 

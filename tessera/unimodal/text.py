@@ -51,6 +51,8 @@ class TextTrainConfig:
 class TextTokenizer:
     """SentencePiece wrapper. Ids are the SentencePiece ids, unchanged: 0 <unk>, 1 <s>, 2 </s>."""
 
+    kind = "sentencepiece"
+
     def __init__(self, model_proto: bytes):
         self._proto = model_proto
         self.sp = spm.SentencePieceProcessor()
