@@ -49,15 +49,12 @@ def text_bundle(tmp_path_factory, text_dir):
     return d / "bundle"
 
 
-@pytest.fixture(scope="session")
-def fixture_tokenizer(text_dir):
-    """A multimodal tokenizer over the deterministic fixture codecs."""
+def fixture_codecs_tokenizer(text):
+    """A multimodal tokenizer over `text` and the deterministic fixture codecs."""
     from fixtures import FrameLevelAudioCodec, PatchMeanImageCodec
 
     from tessera.tokenizers import MultimodalTokenizer, VocabLayout
-    from tessera.unimodal.text import TextTokenizer
 
-    text = TextTokenizer.load(text_dir)
     img, aud = PatchMeanImageCodec(), FrameLevelAudioCodec()
     layout = VocabLayout(
         text_size=text.vocab_size,
@@ -68,6 +65,14 @@ def fixture_tokenizer(text_dir):
         n_reserved=8,
     )
     return MultimodalTokenizer(layout, text, img, aud)
+
+
+@pytest.fixture(scope="session")
+def fixture_tokenizer(text_dir):
+    """A multimodal tokenizer over the deterministic fixture codecs."""
+    from tessera.unimodal.text import TextTokenizer
+
+    return fixture_codecs_tokenizer(TextTokenizer.load(text_dir))
 
 
 @pytest.fixture(scope="session")
@@ -103,19 +108,6 @@ def hf_text_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def hf_fixture_tokenizer(hf_text_dir):
     """`fixture_tokenizer` with the HF tokenizer of `hf_text_dir` as its text part."""
-    from fixtures import FrameLevelAudioCodec, PatchMeanImageCodec
-
-    from tessera.tokenizers import MultimodalTokenizer, VocabLayout
     from tessera.unimodal.hf_text import HFTextTokenizer
 
-    text = HFTextTokenizer.from_folder(hf_text_dir)
-    img, aud = PatchMeanImageCodec(), FrameLevelAudioCodec()
-    layout = VocabLayout(
-        text_size=text.vocab_size,
-        image_codebook_size=img.info.codebook_size,
-        audio_codebook_size=aud.info.codebook_size,
-        audio_levels=aud.info.levels,
-        max_grid=16,
-        n_reserved=8,
-    )
-    return MultimodalTokenizer(layout, text, img, aud)
+    return fixture_codecs_tokenizer(HFTextTokenizer.from_folder(hf_text_dir))
