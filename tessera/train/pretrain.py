@@ -315,14 +315,18 @@ def write_run_files(out: Path, mcfg: ModelConfig, tcfg: TrainConfig, spec: dict,
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.copytree(args.tokenizer, tmp)
         os.replace(tmp, out / "tokenizer")
-    sets = mixture.parse_data(args.data)
     atomic_write_json(out / "config.json", {
         "format": RUN_FORMAT, "version": RUN_VERSION, "model": to_dict(mcfg), "train": to_dict(tcfg),
         "tokenizer_hash": spec["hash"], "layout": spec["layout"],
-        **mixture.run_config(sets, mixture.read_sets(sets, spec, args.tokenizer)),
+        **mixture.run_config(*_data_sets(args.data)),
         "eval_data": str(Path(args.eval_data).resolve()) if args.eval_data else None,
         **({"init_from": init} if init else {}),
     })
+
+
+def _data_sets(data) -> tuple[list, list[dict]]:
+    sets = mixture.parse_data(data)
+    return sets, [read_manifest(s.dir) for s in sets]
 
 
 def restore_loader(loader: PackedLoader, state: dict, env, tcfg: TrainConfig) -> None:
