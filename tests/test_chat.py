@@ -106,3 +106,26 @@ def test_chat_renders_the_conversation_and_answers_in_each_modality(codec_bundle
         m.chat([{"content": "hi"}])
     with pytest.raises(ValueError, match="non-empty list"):
         m.chat([])
+
+
+def test_the_hf_export_carries_the_bundles_template(text_dir, tmp_path):
+    from transformers import PreTrainedTokenizerFast
+
+    from tessera.model.hf_tokenizer import save_hf_tokenizer
+
+    build_bundle(tmp_path / "b", text_dir, chat_template={"user": "Q:", "assistant": "A:", "system": "S:"})
+    save_hf_tokenizer(tmp_path / "b", tmp_path / "hf")
+    tok = load_bundle(tmp_path / "b")
+    hf = PreTrainedTokenizerFast.from_pretrained(tmp_path / "hf")
+    msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": [{"type": "text", "text": "the digit"}]}]
+    prompt = hf.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    assert prompt == "S:be briefQ:the digitA:"
+    # tokenized as a prompt (BOS first), the ids of tessera's rendering (Tessera.chat_prompt, encoded with BOS)
+    turns = [("system", [("text", "be brief", True)]), ("user", [("text", "the digit", True)])]
+    assert hf(prompt).input_ids == tok.encode([v for _, v, _ in tok.chat.render(turns, for_reply=True)], bos=True)
+    done = msgs + [{"role": "assistant", "content": "seven"}]
+    assert hf.apply_chat_template(done, tokenize=False) == "S:be briefQ:the digitA:seven"
+    with pytest.raises(Exception, match="tessera's tokenizer"):
+        hf.apply_chat_template([{"role": "user", "content": [{"type": "image"}]}], tokenize=False)
+    with pytest.raises(Exception, match="only come first"):
+        hf.apply_chat_template([msgs[1], msgs[0]], tokenize=False)

@@ -15,6 +15,26 @@ STAGES = ["corpus", "text", "image", "audio", "bundle", "shards", "test_shards",
           "audio_eval", "report"]
 
 
+def test_the_trainers_are_bounded_by_steps_with_the_minutes_as_a_cap(tmp_path):
+    from tessera.eval.demo import DemoConfig, plan
+
+    def bounds(cfg):
+        out = {}
+        for st in plan(tmp_path, cfg):
+            a = st.argv
+            if "--max-minutes" in a:
+                out[st.name] = (float(a[a.index("--max-minutes") + 1]),
+                                int(a[a.index("--max-steps") + 1]) if "--max-steps" in a else None)
+        return out
+
+    cfg = DemoConfig()
+    assert bounds(cfg) == {"image": (cfg.image_minutes, cfg.image_steps), "audio": (cfg.audio_minutes, cfg.audio_steps),
+                           "pretrain": (cfg.pretrain_minutes, cfg.pretrain_steps)}
+    assert all(steps for _, steps in bounds(cfg).values())
+    assert bounds(DemoConfig(image_steps=0))["image"] == (cfg.image_minutes, None)  # 0 steps: the minutes alone
+    assert bounds(DemoConfig.fast_config()) == {"image": (0.25, None), "audio": (0.3, None), "pretrain": (0.75, None)}
+
+
 @pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="the demo needs espeak-ng (scripts/setup.sh installs it)")
 def test_fast_demo_runs_end_to_end_and_reuses_finished_stages(tmp_path):
     out = tmp_path / "demo"

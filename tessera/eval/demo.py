@@ -53,10 +53,14 @@ class DemoConfig(ModalitySampling):  # sampling for the eval and the report's sa
     speech_augment: int = 1
     speech_image_pairs: int = 2
     speech_image_transcript: bool = True  # clip, transcript, image: the model writes what it heard, then draws it
-    image_minutes: float = 1.5
+    # The codecs train for a number of steps (what an idle 2-core machine fits in 1.5 and 3.5 minutes), so
+    # their quality does not move with the machine's load; the minutes are a cap (0 steps: the minutes alone).
+    image_steps: int = 750
+    image_minutes: float = 3.0
     # `--set` of the image codec (tiny preset): 64 codes, not the preset's 1,000 (see docs/generalization.md)
     image_overrides: list[str] = field(default_factory=lambda: ["fsq_levels=[4,4,4]"])
-    audio_minutes: float = 3.5
+    audio_steps: int = 3700
+    audio_minutes: float = 7.0
     # `--set` of the audio codec (tiny preset): one codebook of 256, not four of 1,024 (docs/generalization.md)
     audio_overrides: list[str] = field(default_factory=lambda: ["num_quantizers=1", "codebook_size=256"])
     audio_levels: int = 1  # residual levels of the audio codec that enter the vocabulary (see plan())
@@ -79,7 +83,8 @@ class DemoConfig(ModalitySampling):  # sampling for the eval and the report's sa
 
     @classmethod
     def fast_config(cls) -> "DemoConfig":
-        return cls(fast=True, text_vocab=320, image_minutes=0.25, audio_minutes=0.3, pretrain_minutes=0.75,
+        return cls(fast=True, text_vocab=320, image_steps=0, image_minutes=0.25, audio_steps=0, audio_minutes=0.3,
+                   pretrain_minutes=0.75,
                    pretrain_steps=0, eval_max_items=20, draw_seeds=2, image_augment=1, speech_augment=0,
                    speech_image_pairs=1,
                    pretrain_overrides=["model.dim=128", "seq_len=256", "batch_size=8", "lr=3e-3", "warmup_steps=10",
@@ -113,7 +118,7 @@ def plan(out: Path, cfg: DemoConfig) -> list[Stage]:
     batches of 8 x 256 tokens beat 16 x 256 in the same minutes."""
     py = ["tessera"]
     c, t = out / "corpus", out / "tokenizers"
-    steps = ["--max-steps", str(cfg.pretrain_steps)] if cfg.pretrain_steps else []
+    bound = lambda n, minutes: ["--max-minutes", str(minutes)] + (["--max-steps", str(n)] if n else [])
     train = [*py, "data", "digits", "--out", str(c), "--seed", str(cfg.seed), "--image-augment", str(cfg.image_augment),
              "--speech-augment", str(cfg.speech_augment), "--speech-image-pairs", str(cfg.speech_image_pairs),
              "--speech-image-transcript" if cfg.speech_image_transcript else "--no-speech-image-transcript"] + (
@@ -125,11 +130,11 @@ def plan(out: Path, cfg: DemoConfig) -> list[Stage]:
                        str(cfg.text_vocab), "--out", str(t / "text")], [t / "text"], ["corpus"]),
         Stage("image", [*py, "tokenizer", "train", "image", "--data", str(c / "images" / "train"), "--eval-data",
                         str(c / "images" / "test"), "--out", str(t / "image"), "--preset", "tiny",
-                        "--max-minutes", str(cfg.image_minutes), *sets(cfg.image_overrides)], [t / "image"], ["corpus"],
+                        *bound(cfg.image_steps, cfg.image_minutes), *sets(cfg.image_overrides)], [t / "image"], ["corpus"],
               resumable=True),
         Stage("audio", [*py, "tokenizer", "train", "audio", "--data", str(c / "speech" / "train"), "--eval-data",
                         str(c / "speech" / "test"), "--out", str(t / "audio"), "--preset", "tiny",
-                        "--max-minutes", str(cfg.audio_minutes), *sets(cfg.audio_overrides)], [t / "audio"], ["corpus"],
+                        *bound(cfg.audio_steps, cfg.audio_minutes), *sets(cfg.audio_overrides)], [t / "audio"], ["corpus"],
               resumable=True),
         Stage("bundle", [*py, "tokenizer", "build", "--text", str(t / "text"), "--image", str(t / "image"),
                          "--audio", str(t / "audio"), "--out", str(t / "bundle"), "--max-grid", "16",
@@ -143,7 +148,7 @@ def plan(out: Path, cfg: DemoConfig) -> list[Stage]:
               [out / "shards" / "test"], ["bundle"]),
         Stage("pretrain", ["tessera.train.pretrain", "--preset", cfg.pretrain_preset, "--tokenizer", str(t / "bundle"),
                            "--data", str(out / "shards" / "train"), "--eval-data", str(out / "shards" / "test"),
-                           "--out", str(out / "run"), "--max-minutes", str(cfg.pretrain_minutes), *steps]
+                           "--out", str(out / "run"), *bound(cfg.pretrain_steps, cfg.pretrain_minutes)]
               + sets(cfg.pretrain_overrides),
               [out / "run"], ["shards", "test_shards"], resumable=True),
         Stage("eval", [*py, "eval", "--model", str(out / "run"), "--tasks", "digits", "--data", str(c), "--json",

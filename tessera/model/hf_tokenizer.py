@@ -6,7 +6,8 @@ every id past its text range added as a special token named as below, at exactly
 original already has, such as `<pad>`, becomes `<tessera:pad>`). The post
 processor is replaced by one that prepends the bundle's BOS, as tessera's prompts start (for a tokenizer
 without a BOS, its EOS); `clean_up_tokenization_spaces` is off, so decoding is tessera's. The original's
-`chat_template` is kept. As in transformers for any added token, text that spells a token's name ("<boi>",
+chat template is replaced by the bundle's (`ChatTemplate.jinja`), the one `Tessera.chat` renders and stage-two
+conversations are trained with. As in transformers for any added token, text that spells a token's name ("<boi>",
 "<img:3>") encodes to that token, so a string can spell a code span and `decode` gives one back; tessera's own
 encoding spells such text as text pieces, the one place where the two tokenizers differ.
 
@@ -36,6 +37,7 @@ from pathlib import Path
 from tessera.errors import TesseraError
 from tessera.storage import atomic_write_json, read_json
 from tessera.tokenizers.bundle import load_text, read_bundle_spec, text_kind
+from tessera.tokenizers.chat import ChatTemplate
 from tessera.tokenizers.layout import VocabLayout
 from tessera.unimodal.hf_text import HFTextTokenizer, read_hf_config
 from tessera.unimodal.text import TextTokenizer
@@ -78,8 +80,9 @@ def text_backend(text: TextTokenizer):
     return tok
 
 
-def hf_tokenizer(layout: VocabLayout, text: TextTokenizer, model_max_length: int | None = None):
-    """A `PreTrainedTokenizerFast` over the whole padded vocabulary of `layout`."""
+def hf_tokenizer(layout: VocabLayout, text: TextTokenizer, model_max_length: int | None = None,
+                 chat_template: str | None = None):
+    """A `PreTrainedTokenizerFast` over the whole padded vocabulary of `layout` (`chat_template`: Jinja)."""
     from tokenizers import AddedToken
     from transformers import PreTrainedTokenizerFast
 
@@ -105,13 +108,15 @@ def hf_tokenizer(layout: VocabLayout, text: TextTokenizer, model_max_length: int
         split_special_tokens=True,
         clean_up_tokenization_spaces=False,
         **({"model_max_length": model_max_length} if model_max_length else {}),
+        **({"chat_template": chat_template} if chat_template else {}),
     )
 
 
 def hf_text_tokenizer(layout: VocabLayout, text: HFTextTokenizer, model_max_length: int | None = None,
-                      config: dict | None = None):
+                      config: dict | None = None, chat_template: str | None = None):
     """A `PreTrainedTokenizerFast` over the whole padded vocabulary of `layout`, whose text part is `text`, an
-    existing model's tokenizer (`config`: its tokenizer_config.json, for the unk token and chat template)."""
+    existing model's tokenizer (`config`: its tokenizer_config.json, for the unk token; `chat_template`: Jinja,
+    in place of the original's)."""
     from tokenizers import AddedToken, Tokenizer, processors
     from transformers import PreTrainedTokenizerFast
 
@@ -134,7 +139,7 @@ def hf_text_tokenizer(layout: VocabLayout, text: HFTextTokenizer, model_max_leng
                                                            special_tokens=[(bos, text.bos_id)])
     unk = config.get("unk_token")
     unk = unk.get("content") if isinstance(unk, dict) else unk
-    extra = {"chat_template": config["chat_template"]} if config.get("chat_template") else {}
+    extra = {"chat_template": chat_template} if chat_template else {}
     return PreTrainedTokenizerFast(
         tokenizer_object=backend,
         bos_token=bos,
@@ -158,11 +163,12 @@ def save_hf_tokenizer(bundle_dir: str | Path, out: str | Path, model_max_length:
     spec = read_bundle_spec(bundle_dir)
     layout = VocabLayout.from_dict(spec["layout"])
     text = load_text(bundle_dir, spec)
+    chat = ChatTemplate.from_dict(spec.get("chat")).jinja()
     if text_kind(spec) == "hf":
         config = read_hf_config(bundle_dir / spec["text"]["path"])
-        hf_text_tokenizer(layout, text, model_max_length, config).save_pretrained(out)
+        hf_text_tokenizer(layout, text, model_max_length, config, chat).save_pretrained(out)
     else:
-        hf_tokenizer(layout, text, model_max_length).save_pretrained(out)
+        hf_tokenizer(layout, text, model_max_length, chat).save_pretrained(out)
     cfg_path = Path(out) / "tokenizer_config.json"
     cfg = read_json(cfg_path)
     cfg.update(tokenizer_class="PreTrainedTokenizerFast", add_bos_token=True, add_eos_token=False)

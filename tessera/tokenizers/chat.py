@@ -21,6 +21,7 @@ bundle. A bundle built before templates existed uses `DEFAULT_CHAT`.
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass
 
 from tessera.errors import TesseraError
@@ -74,6 +75,33 @@ class ChatTemplate:
         if for_reply:
             out.append(("text", self.assistant, False))
         return out
+
+    def jinja(self) -> str:
+        """The template as a transformers chat template (Jinja), for an HF export: the text of `render` (each
+        role's prefix, then its content; the assistant's prefix with `add_generation_prompt`), without BOS and
+        EOS, which are ids and not text in tessera's tokenizers: `tok(rendered)` prepends BOS as tessera's
+        prompts start. It renders text content only; an image or audio part raises, since only tessera's
+        tokenizer encodes media. Text is encoded as one string there, where tessera encodes each segment on
+        its own, so ids can differ where a text piece would span a prefix and its content."""
+        prefix = json.dumps({r: getattr(self, r) for r in ROLES}, ensure_ascii=False)
+        media = "images and audio in a conversation need tessera's tokenizer (Tessera.chat)"
+        return (
+            "{%- set prefix = " + prefix + " -%}"
+            "{%- for message in messages -%}"
+            "{%- if message['role'] not in prefix -%}{{- raise_exception('a role must be system, user or assistant')"
+            " -}}{%- endif -%}"
+            "{%- if message['role'] == 'system' and not loop.first -%}"
+            "{{- raise_exception('a system message may only come first') -}}{%- endif -%}"
+            "{{- prefix[message['role']] -}}"
+            "{%- if message['content'] is string -%}{{- message['content'] -}}"
+            "{%- else -%}{%- for part in message['content'] -%}"
+            "{%- if part is string -%}{{- part -}}"
+            "{%- elif part['text'] is defined -%}{{- part['text'] -}}"
+            "{%- else -%}{{- raise_exception(" + json.dumps(media) + ") -}}{%- endif -%}"
+            "{%- endfor -%}{%- endif -%}"
+            "{%- endfor -%}"
+            "{%- if add_generation_prompt -%}{{- prefix['assistant'] -}}{%- endif -%}"
+        )
 
     def cut_reply(self, text: str) -> str:
         """A generated text answer, up to where the model starts another turn."""
