@@ -54,7 +54,12 @@ def test_fast_demo_runs_end_to_end_and_reuses_finished_stages(tmp_path):
         learn = report[codec]["learnability"]
         assert 0.0 < learn["prior_heldout_ce"] and learn["unigram_entropy"] <= learn["uniform"] + 1e-6
     assert "memorization" in report["tasks"]["draw_acc"]
+    # the trainers' steps and the bound that ended each (the cut-down demo bounds them by minutes only)
+    assert set(report["trained"]) == {"image", "audio", "pretrain"}
+    assert all(t["step"] > 0 and t["stopped_by"] == "max_minutes" for t in report["trained"].values())
     md = (out / "report.md").read_text()
+    assert f"| pretrain | {report['stages']['pretrain']['seconds']:.1f} |  | {report['trained']['pretrain']['step']} " \
+           "(max minutes) |" in md
     for needle in ("caption_acc", "JPEG", "Opus", "training_curves.png", "generated_digits.png", "Whole demo",
                    "Learnability", "Memorization"):
         assert needle in md, needle

@@ -280,9 +280,13 @@ def write_demo_report(out: Path, cfg: DemoConfig, times: dict, total_s: float) -
     aud = read_json(out / "audio_codec_eval.json") if (out / "audio_codec_eval.json").exists() else None
     wavs = sorted(p.name for p in (out / "speech").glob("*.wav"))
     instruct = read_json(out / "instruct_eval.json") if cfg.instruct_steps else None
+    t = out / "tokenizers"
+    summaries = {"image": t / "image", "audio": t / "audio", "pretrain": out / "run", "instruct": out / "instruct"}
+    trained = {k: read_json(d / "train_summary.json") for k, d in summaries.items()
+               if k in times and (d / "train_summary.json").exists()}
     return write_report(out, tasks=tasks, image_eval=img, audio_eval=aud, stages=times, total_seconds=total_s,
                         targets=TARGETS, run_dir=out / "run", config=asdict(cfg), grid="generated_digits.png",
-                        wavs=wavs, curves="training_curves.png", instruct=instruct)
+                        wavs=wavs, curves="training_curves.png", instruct=instruct, trained=trained)
 
 
 def print_summary(report: dict, out: Path) -> None:

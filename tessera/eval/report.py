@@ -126,13 +126,17 @@ def _codec_table(title: str, ours: dict | None, classic_key: str, cols: list[tup
 
 def write_report(out: Path, *, tasks: dict, image_eval: dict | None, audio_eval: dict | None, stages: dict,
                  total_seconds: float, targets: dict, run_dir: Path, config: dict, grid: str | None,
-                 wavs: list[str], curves: str | None, instruct: dict | None = None) -> dict:
+                 wavs: list[str], curves: str | None, instruct: dict | None = None,
+                 trained: dict | None = None) -> dict:
+    """The demo's report.md and report.json. `trained`: {stage: its trainer's train_summary.json} for the
+    stages that train (the steps each took and which bound ended it)."""
     machine = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                "cpus": __import__("os").cpu_count(), "torch": torch.__version__,
                "device": "cuda: " + torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
     report = {"tasks": tasks, "targets": targets, "image_codec": image_eval, "audio_codec": audio_eval,
               "stages": stages, "total_seconds": round(total_seconds, 1), "machine": machine, "config": config,
               "run": str(run_dir), "figures": {"grid": grid, "curves": curves}, "speech": wavs,
+              "trained": {k: {"step": v["step"], "stopped_by": v.get("stopped_by")} for k, v in (trained or {}).items()},
               **({"instruct_tasks": instruct} if instruct else {})}
     atomic_write_json(out / "report.json", report)
     md = ["# tessera demo report", "",
@@ -183,9 +187,12 @@ def write_report(out: Path, *, tasks: dict, image_eval: dict | None, audio_eval:
                "\"a drawing of the digit N\".", "", f"![generated digits]({grid})", ""]
     if wavs:
         md += ["## Generated speech", ""] + [f"- [{w}](speech/{w})" for w in wavs] + [""]
-    md += ["## Stages", "", "| stage | seconds | reused |", "|---|---|---|"]
+    trained = trained or {}
+    md += ["## Stages", "", "| stage | seconds | reused | steps (ended by) |", "|---|---|---|---|"]
     for name, st in stages.items():
-        md.append(f"| {name} | {st['seconds']:.1f} | {'yes' if st.get('reused') else ''} |")
+        t = trained.get(name)
+        steps = f"{t['step']} ({str(t.get('stopped_by')).replace('_', ' ')})" if t else ""
+        md.append(f"| {name} | {st['seconds']:.1f} | {'yes' if st.get('reused') else ''} | {steps} |")
     md += ["", f"Run directory: `{run_dir}`", ""]
     atomic_write_text(out / "report.md", "\n".join(md))
     return report

@@ -667,6 +667,7 @@ def _train_locked(args, env) -> dict:
                **({"best_step": best["step"]} if tcfg.keep_best else {}),
                "seconds": round(budget.elapsed, 1), "tokens_seen": tokens_seen, "nan_skips": nan_skips, **last_eval}
     if env.is_main:
+        atomic_write_json(out / "train_summary.json", summary)
         print(f"[tessera] stopped at step {step} after {budget.elapsed:.0f}s: {budget.stop_message()}"
               + "".join(f", {k} {v:.4g}" for k, v in last_eval.items()))
     return summary
