@@ -18,14 +18,14 @@ what a trained codec's does).
    pretokenize's time is the whole call: loading the bundle, planning, reading, decoding, encoding,
    writing the shards; `cpu_ratio_without_bundle_load` leaves out the bundle's load, a fixed cost of every
    run and every pool worker.
-2. Processes: the image tar through `tessera data pretokenize` as 1 process and as 2 ranks (`--rank R
+2. Processes: a tar of `--process-images` images through `tessera data pretokenize` as 1 process and as 2 ranks (`--rank R
    --world-size 2`, each `--workers 1`, started together; the last to finish merges), wall time from start
    to the merged shard set, alternating. The merge alone is timed again on its own.
 3. Memory: the image tar of `--images` and of 10x as many, each through a fresh process running
    pretokenize with `--workers 2`; peak resident memory (ru_maxrss) of the main process and of the largest
    worker.
 
-    python benchmarks/pretokenize.py [--images 1024] [--clips 128] [--rounds 3] [--work DIR]
+    python benchmarks/pretokenize.py [--images 1024] [--clips 1024] [--process-images 4096] [--rounds 3] [--work DIR]
     python benchmarks/pretokenize.py --quick        # 64 images, 16 clips, one round: a check that it runs
 
 Writes benchmarks/results/pretokenize.json (--out).
@@ -311,7 +311,9 @@ def bench_memory(bundle: Path, sizes: dict[int, Path], docs_per_shard: int, work
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--images", type=int, default=1024, help="images of the rate and process runs (memory: also 10x)")
-    p.add_argument("--clips", type=int, default=128, help="1-second clips of the audio rate")
+    p.add_argument("--clips", type=int, default=1024, help="1-second clips of the audio rate")
+    p.add_argument("--process-images", type=int, default=4096,
+                   help="images of the 1- vs 2-process runs (at most 10x --images)")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--docs-per-shard", type=int, default=256)
     p.add_argument("--quick", action="store_true", help="64 images, 16 clips, one round: a check that it runs")
@@ -328,8 +330,8 @@ def main() -> None:
                                         args.workers)))
         return
     if args.quick:
-        args.images, args.clips, args.rounds, args.docs_per_shard = 64, 16, 1, 16
-    for flag in ("images", "clips", "rounds", "docs_per_shard"):
+        args.images, args.clips, args.rounds, args.docs_per_shard, args.process_images = 64, 16, 1, 16, 64
+    for flag in ("images", "clips", "rounds", "docs_per_shard", "process_images"):
         if getattr(args, flag) < 1:
             raise SystemExit(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     import torch
@@ -344,7 +346,10 @@ def main() -> None:
         demo_bundle(bundle_root)
     bundle = bundle_root / "bundle"
     pngs = digit_pngs(10 * args.images)
-    images = {n: write_corpus(work / f"images-{n}", "image", pngs[:n]) for n in (args.images, 10 * args.images)}
+    if args.process_images > 10 * args.images:
+        raise SystemExit(f"--process-images must be at most 10x --images ({10 * args.images})")
+    images = {n: write_corpus(work / f"images-{n}", "image", pngs[:n])
+              for n in sorted({args.images, args.process_images, 10 * args.images})}
     clips = write_corpus(work / f"audio-{args.clips}", "audio", speech_wavs(args.clips, CLIP_SECONDS))
     print(f"corpus and bundle ready in {time.perf_counter() - t0:.0f}s", flush=True)
 
@@ -353,15 +358,17 @@ def main() -> None:
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                     "cpus": os.cpu_count(), "torch": torch.__version__, "loadavg_start": [round(x, 2) for x in load0]},
         "settings": {"images": args.images, "image_side": IMAGE_SIDE, "clips": args.clips,
-                     "clip_seconds": CLIP_SECONDS, "rounds": args.rounds, "docs_per_shard": args.docs_per_shard,
+                     "clip_seconds": CLIP_SECONDS, "process_images": args.process_images, "rounds": args.rounds, "docs_per_shard": args.docs_per_shard,
                      "codecs": "tiny image and audio codecs, untrained", "goal_ratio": GOAL},
     }
     corpora = {"image": (images[args.images], args.images, args.images),
                "audio": (clips, args.clips, args.clips * CLIP_SECONDS)}
     result["rates"] = bench_rates(bundle, corpora, args.rounds, args.docs_per_shard, work)
-    result["processes"] = bench_processes(bundle, images[args.images]["webdataset"], args.images, args.rounds,
+    result["processes"] = bench_processes(bundle, images[args.process_images]["webdataset"], args.process_images,
+                                          args.rounds,
                                           args.docs_per_shard, work)
-    result["memory"] = bench_memory(bundle, {n: v["webdataset"] for n, v in images.items()}, args.docs_per_shard,
+    result["memory"] = bench_memory(bundle, {n: images[n]["webdataset"] for n in (args.images, 10 * args.images)},
+                                    args.docs_per_shard,
                                     work)
     result["machine"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     result["seconds"] = round(time.perf_counter() - t0, 1)

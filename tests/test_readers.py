@@ -132,6 +132,32 @@ def test_parquet_pairs_and_interleaved_rows_give_the_documents_of_their_jsonl(co
     assert got == expected
 
 
+def test_a_parquet_file_of_one_row_group_is_decoded_once_per_reader_not_once_per_chunk(tmp_path, monkeypatch):
+    n = 5000
+    pq.write_table(pa.table({"text": [f"caption {i}" for i in range(n)]}), tmp_path / "one.parquet",
+                   row_group_size=n)
+    pulled = []
+    orig = pq.ParquetFile.iter_batches
+
+    def counting(self, *a, **kw):
+        for batch in orig(self, *a, **kw):
+            pulled.append(batch.num_rows)
+            yield batch
+
+    monkeypatch.setattr(pq.ParquetFile, "iter_batches", counting)
+    reader = rd.ParquetReader(tmp_path / "one.parquet", cfg().reader_options())
+    chunks = reader.plan(100)
+    assert len(chunks) == n // 100
+    texts = [doc.segments[0][1] for spec in chunks for _, doc in reader.records(spec)]
+    assert texts == [f"caption {i}" for i in range(n)]
+    assert sum(pulled) == n  # one pass (decoding each chunk from the group start pulled 133,648 rows)
+    # a chunk out of order (another worker's) starts a fresh pass, and the rows are still right
+    pulled.clear()
+    assert [d.segments[0][1] for _, d in reader.records(chunks[3])] == [f"caption {i}" for i in range(300, 400)]
+    assert [d.segments[0][1] for _, d in reader.records(chunks[1])] == [f"caption {i}" for i in range(100, 200)]
+    assert sum(pulled) <= 400 + 256 + 200 + 256
+
+
 def test_a_dataset_saved_by_hugging_face_datasets_gives_the_documents_of_its_jsonl(codec_bundle, tmp_path):
     # tests/data/hf_saved/make_hf_saved.py wrote these with datasets 5.2.0's save_to_disk
     pics = [png(0, 32, 32), png(1, 40, 24), png(2, 24, 40)]

@@ -700,6 +700,10 @@ class ParquetReader(_TableReader):
         return self._file().metadata.num_rows
 
     def _batches(self, fi, start, n, columns):
+        """Rows [start, start + n) in batches. A row group is decoded from its start, so a chunk that begins
+        inside one continues the decoding where this reader's previous chunk of that group stopped (the
+        cursor), rather than decoding the group again up to `start`: a file of one large row group costs one
+        pass per worker, not one per chunk."""
         pf = self._file()
         md = pf.metadata
         row, groups, first = 0, [], None
@@ -709,14 +713,25 @@ class ParquetReader(_TableReader):
                 groups.append(g)
                 first = row if first is None else first
             row += rows
-        at = first
-        for batch in pf.iter_batches(batch_size=256, row_groups=groups, columns=columns):
-            lo, hi = max(start, at), min(start + n, at + batch.num_rows)
+        key = (tuple(groups), tuple(columns))
+        cur, self._cursor = getattr(self, "_cursor", None), None
+        if cur is not None and cur["key"] == key and cur["at"] <= start:
+            it, batch, at = cur["it"], cur["batch"], cur["at"]
+        else:
+            it, batch, at = pf.iter_batches(batch_size=256, row_groups=groups, columns=columns), None, first
+        end = start + n
+        while at < end:
+            if batch is None:
+                batch = next(it, None)
+                if batch is None:
+                    return
+            lo, hi = max(start, at), min(end, at + batch.num_rows)
             if lo < hi:
                 yield lo, batch.slice(lo - at, hi - lo).to_pylist()
-            at += batch.num_rows
-            if at >= start + n:
-                return
+            if at + batch.num_rows > end:  # rows past this chunk: the next chunk starts in this batch
+                break
+            at, batch = at + batch.num_rows, None
+        self._cursor = {"key": key, "it": it, "batch": batch, "at": at}
 
 
 class HFDiskReader(_TableReader):
