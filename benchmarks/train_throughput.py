@@ -1,11 +1,15 @@
 """Training throughput: tessera's decoder next to transformers.LlamaForCausalLM, in one run.
 
-Both models get the same dimensions (the Llama architecture: tessera with QK-norm off), the same random
-batches, the same fused AdamW, sequence length, batch and dtype. Each model trains `--steps` steps after
-`--warmup` steps; the runs alternate (tessera, HF, tessera, HF, ...) so drift on a noisy machine hits both.
-Reported: tokens/s of each (median over rounds) and their ratio. `--compile on` times tessera's side as
-`pretrain` runs it by default on a long run (compile=auto: blocks and loss compiled); `--hf-compile` adds
-HF under torch.compile.
+Both models get the same dimensions (the Llama architecture: tessera with QK-norm off), the same weights
+(one seed), the same random batches, the same fused AdamW, sequence length, batch and dtype. Each side runs
+in its own process, as a user runs it, started and warmed up (`--warmup` steps) one at a time; then the
+sides take turns, `--steps` steps each, for `--rounds` rounds, so drift on a noisy machine hits all.
+Reported: tokens/s of each (median over rounds), ratios, and each side's peak resident memory.
+
+The sides: tessera as `pretrain` runs it by default (`--compile on`: blocks and loss compiled, as
+compile=auto does on a long run; on a CPU, freed memory kept for reuse, `keep_freed_memory`); the same
+with activation checkpointing; HF's default eager path (glibc's allocator as it comes); with
+`--hf-compile`, HF under torch.compile; and on a CPU, HF with tessera's allocator setting, for honesty.
 
     python benchmarks/train_throughput.py                        # CPU: demo and small presets
     python benchmarks/train_throughput.py --gpu-1b               # CUDA: also the 1b preset, seq 4096, bf16, MFU
@@ -29,16 +33,21 @@ import torch
 from tessera.model.hf_export import to_hf_model
 from tessera.model.transformer import Transformer, model_preset
 from tessera.train.mfu import peak_flops
-from tessera.train.parallel import apply_compile
+from tessera.train.parallel import apply_activation_checkpointing, apply_compile
 from tessera.train.losses import compiled_token_losses, token_losses
 
 RESULTS = Path(__file__).parent / "results" / "train_throughput.json"
 
 
-def make_models(preset: str, vocab: int, device, seed: int = 0):
+def bench_config(preset: str, vocab: int):
     cfg = model_preset(preset)
     cfg.vocab_size = vocab
     cfg.qk_norm = False  # the Llama architecture on both sides
+    return cfg
+
+
+def make_models(preset: str, vocab: int, device, seed: int = 0):
+    cfg = bench_config(preset, vocab)
     ours = Transformer(cfg)
     ours.init_weights(seed=seed)
     hf = to_hf_model(ours).train()
@@ -54,20 +63,33 @@ def time_steps(step, n: int, sync) -> float:
     return (time.perf_counter() - t) / n
 
 
-def bench_preset(preset: str, vocab: int, batch: int, seq: int, steps: int, warmup: int, rounds: int,
-                 device: torch.device, dtype: torch.dtype, compile: bool = False, hf_compile: bool = False) -> dict:
-    ours, hf, cfg = make_models(preset, vocab, device)
-    hf_c = torch.compile(make_models(preset, vocab, device)[1]) if hf_compile else None
-    if compile:  # what `pretrain --compile` does: each block compiled, and the loss
-        apply_compile(ours)
-    losses = compiled_token_losses if compile else token_losses
+SIDES = {  # name: (model, compiled, activation checkpointing, keep freed memory)
+    "tessera": ("tessera", None, False, True),  # compiled: the --compile setting of the run
+    "tessera_ac": ("tessera", None, True, True),
+    "hf": ("hf", False, False, False),
+    "hf_compiled": ("hf", True, False, False),
+    "hf_same_allocator": ("hf", False, False, True),
+}
+
+
+def side_worker(conn, side: str, preset: str, vocab: int, batch: int, seq: int, warmup: int, device: str,
+                dtype: str, threads: int, compile: bool) -> None:
+    """One side of a row in its own process, as a user runs it: build, warm up, then time `steps` steps per
+    request from the parent; last, the process's peak resident memory."""
+    import resource
+
+    torch.set_num_threads(threads)
+    kind, compiled, ac, keep = SIDES[side]
+    compiled = compile if compiled is None else compiled
+    if keep and device == "cpu":  # what `pretrain` does on a CPU by default (tessera/runtime/host_memory.py)
+        from tessera.runtime.host_memory import keep_freed_memory
+
+        keep_freed_memory()
+    dev, dt = torch.device(device), getattr(torch, dtype)
+    ours, hf, _ = make_models(preset, vocab, dev)
     g = torch.Generator().manual_seed(0)
-    data = [torch.randint(0, vocab, (batch, seq + 1), generator=g).to(device) for _ in range(4)]
-    modality = torch.zeros(vocab, dtype=torch.long, device=device)
-    opt_a = torch.optim.AdamW(ours.parameters(), lr=1e-4, fused=True)
-    opt_b = torch.optim.AdamW(hf.parameters(), lr=1e-4, fused=True)
-    opt_c = torch.optim.AdamW(hf_c.parameters(), lr=1e-4, fused=True) if hf_c is not None else None
-    amp = dtype != torch.float32
+    data = [torch.randint(0, vocab, (batch, seq + 1), generator=g).to(dev) for _ in range(4)]
+    amp = dt != torch.float32
     k = {"i": 0}
 
     def batch_():
@@ -75,64 +97,124 @@ def bench_preset(preset: str, vocab: int, batch: int, seq: int, steps: int, warm
         x = data[k["i"] % len(data)]
         return x[:, :-1], x[:, 1:]
 
-    def step_ours():
-        x, y = batch_()
-        with torch.autocast(device.type, dtype=dtype, enabled=amp):
-            logits = ours(x)
-        r = losses(logits, y, modality)
-        (r["ce"] / r["count"]).backward()
-        opt_a.step()
-        opt_a.zero_grad(set_to_none=True)
+    if kind == "tessera":
+        del hf
+        if ac:
+            apply_activation_checkpointing(ours)
+        if compiled:  # what `pretrain --compile` does: each block compiled, and the loss
+            apply_compile(ours)
+        losses = compiled_token_losses if compiled else token_losses
+        modality = torch.zeros(vocab, dtype=torch.long, device=dev)
+        opt = torch.optim.AdamW(ours.parameters(), lr=1e-4, fused=True)
 
-    def hf_step(model, opt):
         def step():
             x, y = batch_()
-            with torch.autocast(device.type, dtype=dtype, enabled=amp):
+            with torch.autocast(dev.type, dtype=dt, enabled=amp):
+                logits = ours(x)
+            r = losses(logits, y, modality)
+            (r["ce"] / r["count"]).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    else:
+        del ours
+        model = torch.compile(hf) if compiled else hf
+        opt = torch.optim.AdamW(hf.parameters(), lr=1e-4, fused=True)
+
+        def step():
+            x, y = batch_()
+            with torch.autocast(dev.type, dtype=dt, enabled=amp):
                 logits = model(input_ids=x).logits
             loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, vocab), y.reshape(-1))
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
-        return step
 
-    step_hf = hf_step(hf, opt_b)
-    step_hf_c = hf_step(hf_c, opt_c) if hf_c is not None else None
-
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    sync()
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     t0 = time.perf_counter()
     for _ in range(warmup):
-        step_ours()
+        step()
     sync()
-    warm_ours = time.perf_counter() - t0
-    for _ in range(warmup):
-        step_hf()
-        if step_hf_c:
-            step_hf_c()
-    a, b, c = [], [], []
+    conn.send({"warmup_s": time.perf_counter() - t0})
+    while True:
+        msg = conn.recv()
+        if msg is None:
+            break
+        conn.send(time_steps(step, msg, sync))
+    conn.send({"peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+               "peak_cuda_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if dev.type == "cuda" else None})
+
+
+def bench_preset(preset: str, vocab: int, batch: int, seq: int, steps: int, warmup: int, rounds: int,
+                 device: torch.device, dtype: torch.dtype, compile: bool = False, hf_compile: bool = False) -> dict:
+    """One row: every side in its own (spawned) process, built from the same seed (the same weights) and fed
+    the same batches; the sides take turns, one at a time, `steps` steps per turn, for `rounds` rounds."""
+    import multiprocessing as mp
+
+    sides = ["tessera", "tessera_ac", "hf"] + (["hf_compiled"] if hf_compile else []) + (
+        ["hf_same_allocator"] if device.type == "cpu" else [])
+    ctx = mp.get_context("spawn")
+    procs, conns, warm = {}, {}, {}
+
+    def recv(side):  # a side's answer; a side that died (out of memory, a compile error) ends the row
+        while not conns[side].poll(1.0):
+            if not procs[side].is_alive():
+                for p in procs.values():
+                    p.kill()
+                raise SystemExit(f"the {side} side of the {preset} row died (exit code {procs[side].exitcode})")
+        return conns[side].recv()
+
+    for side in sides:  # started and warmed up one at a time, so compilation does not share the cores
+        parent, child = ctx.Pipe()
+        procs[side] = ctx.Process(target=side_worker, args=(child, side, preset, vocab, batch, seq, warmup,
+                                                            device.type, str(dtype).replace("torch.", ""),
+                                                            torch.get_num_threads(), compile))
+        procs[side].start()
+        conns[side] = parent
+        warm[side] = recv(side)["warmup_s"]
+    times: dict[str, list[float]] = {s: [] for s in sides}
     for _ in range(rounds):
-        a.append(time_steps(step_ours, steps, sync))
-        b.append(time_steps(step_hf, steps, sync))
-        if step_hf_c:
-            c.append(time_steps(step_hf_c, steps, sync))
+        for side in sides:
+            conns[side].send(steps)
+            times[side].append(recv(side))
+    mem = {}
+    for side in sides:
+        conns[side].send(None)
+        mem[side] = recv(side)
+        procs[side].join()
     tok = batch * seq
-    ours_tps, hf_tps = tok / statistics.median(a), tok / statistics.median(b)
-    hf_c_tps = tok / statistics.median(c) if c else None
+    tps = {s: tok / statistics.median(t) for s, t in times.items()}
+    ours_tps, hf_tps = tps["tessera"], tps["hf"]
+    fpt = flops_per_token(preset, vocab, seq)
     peak, src = peak_flops(device, dtype)
-    fpt = ours.flops_per_token(seq)
+    opt = lambda s, key: (round(tps[s], 1) if key == "tps" else round(ours_tps / tps[s], 3)) if s in tps else None
     return {
-        "preset": preset, "threads": torch.get_num_threads(), "params": ours.num_params(False), "vocab": vocab,
+        "preset": preset, "threads": torch.get_num_threads(), "params": params_of(preset, vocab), "vocab": vocab,
         "batch": batch, "seq_len": seq,
         "dtype": str(dtype).replace("torch.", ""), "steps_per_round": steps, "rounds": rounds,
         "tessera_tokens_per_s": round(ours_tps, 1), "hf_tokens_per_s": round(hf_tps, 1),
         "ratio": round(ours_tps / hf_tps, 3), "compile": compile,
-        "hf_compiled_tokens_per_s": round(hf_c_tps, 1) if hf_c_tps else None,
-        "ratio_vs_hf_compiled": round(ours_tps / hf_c_tps, 3) if hf_c_tps else None,
+        "hf_compiled_tokens_per_s": opt("hf_compiled", "tps"), "ratio_vs_hf_compiled": opt("hf_compiled", "ratio"),
+        "hf_same_allocator_tokens_per_s": opt("hf_same_allocator", "tps"),
+        "ratio_vs_hf_same_allocator": opt("hf_same_allocator", "ratio"),
+        "tessera_activation_checkpointing_tokens_per_s": round(tps["tessera_ac"], 1),
         # the warm-up steps' time beyond steady steps: mostly compilation when `compile` is on
-        "tessera_warmup_overhead_s": round(warm_ours - warmup * statistics.median(a), 2),
+        "tessera_warmup_overhead_s": round(warm["tessera"] - warmup * statistics.median(times["tessera"]), 2),
+        "seconds_per_step": {s: [round(x, 4) for x in t] for s, t in times.items()},
+        "peak_rss_mb": {s: m["peak_rss_mb"] for s, m in mem.items()},
+        "peak_cuda_mb": {s: m["peak_cuda_mb"] for s, m in mem.items()} if device.type == "cuda" else None,
         "tessera_mfu": round(fpt * ours_tps / peak, 4) if peak else None,
         "hf_mfu": round(fpt * hf_tps / peak, 4) if peak else None, "peak_flops": peak, "peak_source": src,
     }
+
+
+def flops_per_token(preset: str, vocab: int, seq: int) -> float:
+    with torch.device("meta"):
+        return Transformer(bench_config(preset, vocab)).flops_per_token(seq)
+
+
+def params_of(preset: str, vocab: int) -> int:
+    with torch.device("meta"):
+        return Transformer(bench_config(preset, vocab)).num_params(False)
 
 
 def main() -> None:

@@ -70,6 +70,7 @@ from tessera.runtime.distributed import (
     destroy_distributed,
     init_distributed,
 )
+from tessera.runtime.host_memory import keep_freed_memory
 from tessera.runtime.monitor import MetricsLogger, Progress
 from tessera.runtime.schedule import DEFAULT_STEPS, SCHEDULES, RunBudget, add_budget_arguments, lr_factor
 from tessera.storage import atomic_write_json, read_json, save_tensors
@@ -132,6 +133,8 @@ class TrainConfig:
     fsdp: bool = False
     compile: str = "auto"  # auto | on | off: torch.compile each block and the loss (see decide_compile)
     activation_checkpointing: bool = False
+    # CPU: keep freed memory for reuse instead of unmapping large blocks every step (runtime/host_memory.py)
+    keep_freed_memory: bool = True
 
     def validate(self) -> "TrainConfig":
         """Refuse values that would crash later or train nothing (e.g. grad_accum=0: no micro-steps)."""
@@ -406,6 +409,10 @@ def _train_locked(args, env) -> dict:
     compiled, why = decide_compile(tcfg, env.device, bound_steps, args.max_minutes)
     if env.is_main:
         print(f"[tessera] compile: {'on' if compiled else 'off'} ({why})")
+    if tcfg.keep_freed_memory and env.device.type == "cpu":
+        kept, why = keep_freed_memory()
+        if env.is_main:
+            print(f"[tessera] host memory: {'freed memory kept for reuse' if kept else 'unchanged'} ({why})")
     losses_fn = compiled_token_losses if compiled else token_losses
     torch.manual_seed(tcfg.seed)
 
