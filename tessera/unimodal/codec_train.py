@@ -30,6 +30,7 @@ trainer (`tessera.train.pretrain`) does:
 
 from __future__ import annotations
 
+import gc
 import math
 import time
 import warnings
@@ -570,11 +571,18 @@ def train_codec(recipe: CodecRecipe, out, *, preset_name: str | None = None, ove
     Works under torchrun; a process group the caller made is left as it was found."""
     joined = torch.distributed.is_initialized()
     env = init_distributed(device)
+    run = None
     try:
         run = CodecRun(recipe, env, Path(out), preset_name=preset_name, overrides=overrides, max_steps=max_steps,
                        max_minutes=max_minutes, resume=resume, progress=progress)
         return run.train()
     finally:
+        if run is not None:
+            # The DDP wrappers go while the process group lives: each one's reducer holds the group, and a
+            # group whose last reference drops in the wrapper's deallocator joins gloo's threads while holding
+            # the GIL that one of them may be waiting for (a deadlock at exit, seen in 1 of a few CI runs).
+            run.g_model = run.d_model = None
+            gc.collect()
         if not joined:
             destroy_distributed()
 
