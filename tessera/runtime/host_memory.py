@@ -6,8 +6,9 @@ serves a block over its mmap threshold (at most 32 MB) with fresh pages from the
 so every step touches those pages anew, one page fault per 4 KiB: about 22,000 faults per step of the
 `demo` preset at that size, measured, and HF's default step about 45,000. `keep_freed_memory` turns that
 off (`M_MMAP_MAX` 0: large blocks come from the heap too; `M_TRIM_THRESHOLD` 1 GiB: the heap's free top is
-not trimmed back each step), so later steps reuse the first steps' pages: no faults, the same math. The cost: the process
-keeps its peak heap (which a training loop reaches every step anyway), and it applies to the whole process.
+not trimmed back each step), so later steps reuse the first steps' pages: no faults, the same math. The
+cost: the process keeps its peak heap (which a training loop reaches every step anyway), and it applies to
+the whole process.
 
 glibc only (Linux); elsewhere, or where mallopt refuses, it changes nothing and says so.
 """
