@@ -18,14 +18,15 @@ what a trained codec's does).
    pretokenize's time is the whole call: loading the bundle, planning, reading, decoding, encoding,
    writing the shards; `cpu_ratio_without_bundle_load` leaves out the bundle's load, a fixed cost of every
    run and every pool worker.
-2. Processes: a tar of `--process-images` images through `tessera data pretokenize` as 1 process and as 2 ranks (`--rank R
-   --world-size 2`, each `--workers 1`, started together; the last to finish merges), wall time from start
-   to the merged shard set, alternating. The merge alone is timed again on its own.
+2. Processes: a tar of `--process-images` images through `tessera data pretokenize` as 1 process and as
+   2 ranks (`--rank R --world-size 2`, each `--workers 1`, started together; the last to finish merges), wall
+   time from start to the merged shard set, alternating. The merge alone is timed again on its own.
 3. Memory: the image tar of `--images` and of 10x as many, each through a fresh process running
    pretokenize with `--workers 2`; peak resident memory (ru_maxrss) of the main process and of the largest
    worker.
 
-    python benchmarks/pretokenize.py [--images 1024] [--clips 1024] [--process-images 4096] [--rounds 3] [--work DIR]
+    python benchmarks/pretokenize.py [--images 1024] [--clips 1024] [--process-images 4096] [--rounds 3]
+                                     [--work DIR]
     python benchmarks/pretokenize.py --quick        # 64 images, 16 clips, one round: a check that it runs
 
 Writes benchmarks/results/pretokenize.json (--out).
@@ -358,18 +359,17 @@ def main() -> None:
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                     "cpus": os.cpu_count(), "torch": torch.__version__, "loadavg_start": [round(x, 2) for x in load0]},
         "settings": {"images": args.images, "image_side": IMAGE_SIDE, "clips": args.clips,
-                     "clip_seconds": CLIP_SECONDS, "process_images": args.process_images, "rounds": args.rounds, "docs_per_shard": args.docs_per_shard,
+                     "clip_seconds": CLIP_SECONDS, "process_images": args.process_images, "rounds": args.rounds,
+                     "docs_per_shard": args.docs_per_shard,
                      "codecs": "tiny image and audio codecs, untrained", "goal_ratio": GOAL},
     }
     corpora = {"image": (images[args.images], args.images, args.images),
                "audio": (clips, args.clips, args.clips * CLIP_SECONDS)}
     result["rates"] = bench_rates(bundle, corpora, args.rounds, args.docs_per_shard, work)
     result["processes"] = bench_processes(bundle, images[args.process_images]["webdataset"], args.process_images,
-                                          args.rounds,
-                                          args.docs_per_shard, work)
+                                          args.rounds, args.docs_per_shard, work)
     result["memory"] = bench_memory(bundle, {n: images[n]["webdataset"] for n in (args.images, 10 * args.images)},
-                                    args.docs_per_shard,
-                                    work)
+                                    args.docs_per_shard, work)
     result["machine"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     result["seconds"] = round(time.perf_counter() - t0, 1)
     from tessera.storage import atomic_write_json

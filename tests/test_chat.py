@@ -117,7 +117,8 @@ def test_the_hf_export_carries_the_bundles_template(text_dir, tmp_path):
     save_hf_tokenizer(tmp_path / "b", tmp_path / "hf")
     tok = load_bundle(tmp_path / "b")
     hf = PreTrainedTokenizerFast.from_pretrained(tmp_path / "hf")
-    msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": [{"type": "text", "text": "the digit"}]}]
+    msgs = [{"role": "system", "content": "be brief"},
+            {"role": "user", "content": [{"type": "text", "text": "the digit"}]}]
     prompt = hf.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
     assert prompt == "S:be briefQ:the digitA:"
     # tokenized as a prompt (BOS first), the ids of tessera's rendering (Tessera.chat_prompt, encoded with BOS)

@@ -136,7 +136,8 @@ def write_report(out: Path, *, tasks: dict, image_eval: dict | None, audio_eval:
     report = {"tasks": tasks, "targets": targets, "image_codec": image_eval, "audio_codec": audio_eval,
               "stages": stages, "total_seconds": round(total_seconds, 1), "machine": machine, "config": config,
               "run": str(run_dir), "figures": {"grid": grid, "curves": curves}, "speech": wavs,
-              "trained": {k: {"step": v["step"], "stopped_by": v.get("stopped_by")} for k, v in (trained or {}).items()},
+              "trained": {k: {"step": v["step"], "stopped_by": v.get("stopped_by")}
+                          for k, v in (trained or {}).items()},
               **({"instruct_tasks": instruct} if instruct else {})}
     atomic_write_json(out / "report.json", report)
     md = ["# tessera demo report", "",
