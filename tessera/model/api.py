@@ -30,6 +30,7 @@ from tessera.model.generate import DEFAULT_DRAFT_TOKENS, GenerationConfig, check
 from tessera.model.quant import quantize_int8
 from tessera.model.speculative import PromptLookup, speculative_decode
 from tessera.model.transformer import ModelConfig, Transformer
+from tessera.runtime.inductor import pin_cpu_threads
 from tessera.storage import load_tensors, read_json
 from tessera.tokenizers.bundle import load_bundle
 from tessera.tokenizers.chat import split_message
@@ -162,6 +163,7 @@ class Tessera:
     def compile(self) -> None:
         """Compile the decode step (with a static KV cache); on CUDA, captured as CUDA graphs."""
         mode = "reduce-overhead" if self.device.type == "cuda" else None
+        pin_cpu_threads()
         compiled = torch.compile(self.model, mode=mode, dynamic=False)
         self._step_fn = lambda ids, pos, cache: compiled(ids, pos, cache=cache)
 

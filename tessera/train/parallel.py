@@ -18,6 +18,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_optimizer_state_dict)
 
 from tessera.runtime.distributed import DistEnv
+from tessera.runtime.inductor import pin_cpu_threads
 
 
 def apply_activation_checkpointing(model: nn.Module) -> None:
@@ -28,6 +29,7 @@ def apply_activation_checkpointing(model: nn.Module) -> None:
 
 
 def apply_compile(model: nn.Module) -> None:
+    pin_cpu_threads()  # kernels for this run's thread count, not a cached run's (tessera/runtime/inductor.py)
     for i, block in enumerate(model.layers):
         model.layers[i] = torch.compile(block, fullgraph=False)
 
