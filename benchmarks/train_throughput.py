@@ -14,7 +14,9 @@ with activation checkpointing; HF's default eager path (glibc's allocator as it 
     python benchmarks/train_throughput.py                        # CPU: demo and small presets
     python benchmarks/train_throughput.py --gpu-1b               # CUDA: also the 1b preset, seq 4096, bf16, MFU
     python benchmarks/train_throughput.py --presets demo --dtypes fp32,bf16   # both sides in each dtype
-    python benchmarks/train_throughput.py --presets demo --threads 1,2 --dtypes fp32,bf16 --compile on --hf-compile
+    # the table in benchmarks/README.md: both presets, 1 and 2 threads, fp32 and bf16, into one file
+    python benchmarks/train_throughput.py --presets demo --threads 1,2 --dtypes fp32,bf16
+    python benchmarks/train_throughput.py --presets small --threads 1,2 --dtypes fp32,bf16 --steps 2 --append
 
 Writes benchmarks/results/train_throughput.json.
 """
@@ -32,6 +34,7 @@ import torch
 
 from tessera.model.hf_export import to_hf_model
 from tessera.model.transformer import Transformer, model_preset
+from tessera.runtime.inductor import pin_cpu_threads
 from tessera.train.mfu import peak_flops
 from tessera.train.parallel import apply_activation_checkpointing, apply_compile
 from tessera.train.losses import compiled_token_losses, token_losses
@@ -79,6 +82,7 @@ def side_worker(conn, side: str, preset: str, vocab: int, batch: int, seq: int, 
     import resource
 
     torch.set_num_threads(threads)
+    pin_cpu_threads()  # compiled sides: kernels for this thread count, not a cached row's (runtime/inductor.py)
     kind, compiled, ac, keep = SIDES[side]
     compiled = compile if compiled is None else compiled
     if keep and device == "cpu":  # what `pretrain` does on a CPU by default (tessera/runtime/host_memory.py)
@@ -228,13 +232,18 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--dtypes", default=None,
                    help="comma-separated fp32,bf16 (autocast, both sides); default: bf16 on CUDA, fp32 on CPU")
-    p.add_argument("--compile", default="off", choices=["off", "on", "both"],
-                   help="tessera's side compiled per block with its loss (HF stays eager, its default path)")
+    p.add_argument("--compile", default="on", choices=["off", "on", "both"],
+                   help="tessera's side compiled per block with its loss, as `pretrain` runs a long run by default "
+                        "(compile=auto); HF's default side stays eager, its default path")
     p.add_argument("--threads", default=None,
                    help="comma-separated CPU thread counts, e.g. 1,2 (default: torch's current count)")
-    p.add_argument("--hf-compile", action="store_true", help="also time HF under torch.compile")
+    p.add_argument("--hf-compile", action=argparse.BooleanOptionalAction, default=True,
+                   help="also time HF under torch.compile (default on; --no-hf-compile skips it)")
     p.add_argument("--gpu-1b", action="store_true", help="also the 1b preset at seq 4096 in bf16 (CUDA)")
     p.add_argument("--out", default=str(RESULTS))
+    p.add_argument("--append", action="store_true",
+                   help="keep the rows already in --out, replacing those of the same preset, threads and dtype "
+                        "(to run presets with different --steps into one file)")
     args = p.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     names = args.dtypes.split(",") if args.dtypes else ["bf16" if device.type == "cuda" else "fp32"]
@@ -262,6 +271,10 @@ def main() -> None:
                "cpus": torch.get_num_threads(), "torch": torch.__version__,
                "transformers": __import__("transformers").__version__}
     out = Path(args.out)
+    if args.append and out.exists():
+        key = lambda r: (r["preset"], r["threads"], r["dtype"])
+        new = {key(r) for r in runs}
+        runs = [r for r in json.loads(out.read_text())["runs"] if key(r) not in new] + runs
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"benchmark": "train_throughput", "machine": machine, "runs": runs}, indent=2) + "\n")
     print(f"-> {out}")
