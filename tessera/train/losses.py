@@ -31,7 +31,9 @@ def token_losses(logits: torch.Tensor, targets: torch.Tensor, modality: torch.Te
         out["z"] = (torch.logsumexp(flat, dim=-1).pow(2) * valid).sum()
     mod = torch.where(valid, modality[tgt.clamp(min=0)], len(MODALITIES))
     out["ce_mod"] = torch.zeros(len(MODALITIES) + 1, device=ce.device).index_add_(0, mod, ce.detach())[:-1]
-    out["n_mod"] = torch.bincount(mod, minlength=len(MODALITIES) + 1)[:-1]
+    # an index_add, not a bincount: bincount's output size depends on the data, which splits a compiled graph
+    out["n_mod"] = torch.zeros(len(MODALITIES) + 1, dtype=torch.long, device=ce.device).index_add_(
+        0, mod, valid.long())[:-1]
     return out
 
 
