@@ -205,7 +205,9 @@ def test_prompt_lookup_copies_what_followed_the_latest_match():
     assert pl.propose([5, 6, 7, 8, 9, 5, 6, 7], 3) == [8, 9, 5]  # "5 6 7" seen before: what followed it
     assert pl.propose([1, 2, 3, 1, 2, 4, 1, 2], 2) == [4, 1]  # the latest "1 2" wins
     assert pl.propose([1, 2, 3], 2) == [3, 3]  # no match: repeat the last token
-    assert pl.propose([4, 9, 4], 3) == [9, 4, 4]  # a short continuation is padded with its last token
+    assert pl.propose([4, 9, 4], 3) == [9, 4, 9]  # a continuation reaching the end repeats its period
+    assert pl.propose([7, 1, 2, 3, 1, 2, 3], 5) == [1, 2, 3, 1, 2]  # a loop of 3, "2 3" matched 3 back
+    assert pl.propose([8, 8, 8], 4) == [8, 8, 8, 8]  # a row of equal codes
 
 
 @pytest.mark.parametrize("output, kw", CASES)

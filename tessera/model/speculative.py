@@ -72,7 +72,9 @@ def _uniform(rows: int, n: int, generator, device) -> torch.Tensor:
 
 class PromptLookup:
     """Draft-free guesses: the tokens that followed the latest earlier match of the last `n` tokens (the
-    longest `n` from `max_ngram` down to `min_ngram` that matches), padded with the last token."""
+    longest `n` from `max_ngram` down to `min_ngram` that matches). A continuation that runs into the end of
+    the history goes on copying its own guesses, so a match `p` tokens back proposes the last `p` tokens
+    repeated: the next turns of a loop. No match: the last token, repeated."""
 
     def __init__(self, max_ngram: int = 3, min_ngram: int = 1):
         if not 1 <= min_ngram <= max_ngram:
@@ -85,8 +87,12 @@ class PromptLookup:
             tail = h[-n:]
             for start in range(len(h) - n - 1, -1, -1):  # latest match first, not the tail itself
                 if h[start : start + n] == tail:
-                    follow = h[start + n : start + n + k]
-                    return follow + [follow[-1]] * (k - len(follow))
+                    # what followed the match, copied on into the guesses themselves: a continuation that
+                    # reaches the end of the history repeats the period it found (a loop, a row of equal codes)
+                    seq, at = list(h), start + n
+                    for i in range(k):
+                        seq.append(seq[at + i])
+                    return seq[len(h):]
         return [h[-1]] * k
 
 
