@@ -68,13 +68,14 @@ def demo_bundle(root: Path) -> Path:
 
 
 def bench(preset: str, bundle: Path, new_tokens: int, rounds: int, device, compile_step: bool = False,
-          images: bool = True) -> dict:
+          images: bool = True, lookup_k: tuple[int, ...] = ()) -> dict:
     from transformers import LogitsProcessor, LogitsProcessorList
 
     from tessera.model.api import random_model
     from tessera.model.constrained import TEXT, FSMConfig, SpanFSM
     from tessera.model.generate import GenerationConfig, decode
     from tessera.model.hf_export import to_hf_model
+    from tessera.model.speculative import PromptLookup, speculative_decode
     from tessera.tokenizers import load_bundle
 
     tok = load_bundle(bundle, device=device)
@@ -139,6 +140,37 @@ def bench(preset: str, bundle: Path, new_tokens: int, rounds: int, device, compi
            "identical_greedy_ids": a_out == b_out}
     res["ratio"] = round(res["tessera_tokens_per_s"] / res["hf_tokens_per_s"], 3)
     res["floor_ratio"] = round(res["floor_tokens_per_s"] / res["hf_tokens_per_s"], 3)
+    for k in lookup_k:  # draft-free speculative decoding: prompt lookup, exact (identical greedy ids)
+        stats = {}
+
+        def lookup(k=k, stats=stats):
+            cfg = GenerationConfig(max_new_tokens=new_tokens, temperature=0, draft_tokens=k)
+            steps = speculative_decode(m.model, PromptLookup(), [prompt], fsm, FSMConfig(), cfg, start_state=TEXT,
+                                       pad_id=L.pad, stats=stats)
+            return torch.stack(list(steps), 1)[0].tolist()
+
+        def hf_lookup(k=k):  # HF's own prompt lookup (`prompt_lookup_num_tokens`), for the comparison's honesty
+            with torch.no_grad():
+                out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                                  min_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=L.pad,
+                                  logits_processor=LogitsProcessorList([TextOnly()]), prompt_lookup_num_tokens=k)
+            return out[0, len(prompt):].tolist()
+
+        l_out, h_out = lookup(), hf_lookup()
+        stats.clear()
+        lt, ht = [], []
+        for _ in range(rounds):
+            lt.append(timed(lookup)[0])
+            ht.append(timed(hf_lookup)[0])
+        res[f"tessera_lookup_k{k}_tokens_per_s"] = round(new_tokens / statistics.median(lt), 1)
+        res[f"lookup_k{k}_ratio"] = round(res[f"tessera_lookup_k{k}_tokens_per_s"] / res["hf_tokens_per_s"], 3)
+        res[f"lookup_k{k}_acceptance"] = round(stats["accepted"] / max(1, stats["drafted"]), 3)
+        res[f"lookup_k{k}_identical_greedy_ids"] = l_out == b_out
+        res[f"hf_lookup_k{k}_tokens_per_s"] = round(new_tokens / statistics.median(ht), 1)
+        res[f"lookup_k{k}_ratio_vs_hf_lookup"] = round(res[f"tessera_lookup_k{k}_tokens_per_s"]
+                                                      / res[f"hf_lookup_k{k}_tokens_per_s"], 3)
+        res[f"hf_lookup_k{k}_identical_greedy_ids"] = h_out == b_out
+    res["distinct_tokens_in_greedy_output"] = len(set(a_out))  # how repetitive the text is (lookup's acceptance)
     if compile_step:
         t = time.perf_counter()
         m.compile()
@@ -174,6 +206,22 @@ def bench(preset: str, bundle: Path, new_tokens: int, rounds: int, device, compi
         times = [timed(lambda: m.generate("a drawing of the digit seven", output="image", cfg_scale=3.0, seed=s,
                                           image_size=size))[0] for s in range(rounds)]
         res[f"seconds_per_{name}_cfg"] = round(statistics.median(times), 4)
+        for k in lookup_k:  # the same images with prompt-lookup speculation (exact: the same ids for a seed)
+            gen = lambda s, d: m.generate_ids("a drawing of the digit seven", output="image", cfg_scale=3.0,  # noqa: E731
+                                              seed=s, image_size=size, temperature=0, **d)[0]
+            plain_ids = [gen(s, {}) for s in range(rounds)]
+            spec = {"draft": "lookup", "draft_tokens": k}
+            same, pt, lt = True, [], []
+            for s in range(rounds):
+                pt.append(timed(lambda: gen(s, {}))[0])
+                dt, got = timed(lambda: gen(s, spec))
+                lt.append(dt)
+                same = same and got == plain_ids[s]
+            res[f"seconds_per_{name}_cfg_greedy"] = round(statistics.median(pt), 4)
+            res[f"seconds_per_{name}_cfg_greedy_lookup_k{k}"] = round(statistics.median(lt), 4)
+            res[f"{name}_lookup_k{k}_identical_ids"] = same
+            res[f"{name}_lookup_k{k}_acceptance"] = round(m.last_speculation["accepted"]
+                                                         / max(1, m.last_speculation["drafted"]), 3)
     return res
 
 
@@ -255,6 +303,8 @@ def main() -> None:
     p.add_argument("--model-run", help="a trained run: time its tasks plain, speculative and in bf16/int8")
     p.add_argument("--draft-run", help="a draft run over the same bundle, for the speculative rows")
     p.add_argument("--draft-k", default="2,4", help="draft tokens per round, comma-separated")
+    p.add_argument("--lookup-k", default="4,8",
+                   help="prompt-lookup rows of every preset (draft tokens per round, comma-separated; '' for none)")
     p.add_argument("--out", default=str(RESULTS))
     args = p.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -263,7 +313,8 @@ def main() -> None:
         bundle = demo_bundle(Path(tmp))
         presets = [x for x in args.presets.split(",") if x] + (["1b"] if args.gpu_1b else [])
         for preset in presets:
-            r = bench(preset, bundle, args.new_tokens, args.rounds, device, args.compile, not args.skip_images)
+            r = bench(preset, bundle, args.new_tokens, args.rounds, device, args.compile, not args.skip_images,
+                      tuple(int(k) for k in args.lookup_k.split(",") if k))
             print(json.dumps(r), flush=True)
             runs.append(r)
     if args.model_run:
