@@ -274,7 +274,7 @@ def main() -> None:
     if args.append and out.exists():
         key = lambda r: (r["preset"], r["threads"], r["dtype"])
         new = {key(r) for r in runs}
-        runs = [r for r in json.loads(out.read_text())["runs"] if key(r) not in new] + runs
+        runs = sorted([r for r in json.loads(out.read_text())["runs"] if key(r) not in new] + runs, key=key)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"benchmark": "train_throughput", "machine": machine, "runs": runs}, indent=2) + "\n")
     print(f"-> {out}")
