@@ -13,6 +13,11 @@ machine. `floor_tokens_per_s / hf_tokens_per_s` is the largest ratio an exact fp
 `--compile` adds tessera with its decode step compiled (`Tessera.compile()`; the compile time is reported
 apart and not counted).
 
+Draft-free speculative rows (every preset, `--lookup-k`): the same greedy decode with prompt lookup and with
+Jacobi iteration (`PromptLookup`, `PromptLookup(jacobi=True)`) at `k` guesses a round, next to HF's own prompt
+lookup (`prompt_lookup_num_tokens=k`), with acceptance rates and the identical-id check; and the two images
+decoded greedily, plain against both (the same ids for a seed required).
+
 Low-memory rows (every preset): the same greedy decode with bf16 weights and with weight-only int8 Linear
 layers (`tessera.load(run, dtype="bf16"|"int8")`), with the fraction of the 256 greedy ids that match fp32's.
 
@@ -20,9 +25,10 @@ Speculative rows (`--model-run RUN --draft-run DRAFT`, trained runs over one bun
 of the demo's tasks (draw: an image with CFG 3; speak: up to 1.5 s of audio with CFG 3; text: 48 tokens of
 text), plain decoding against speculative decoding with `k` draft tokens, greedy (ids must be identical) and
 sampled as the eval samples (draw at temperature 0.5, speak at 0.3), with the acceptance rate; and the same
-tasks with bf16 and int8 weights (plain decoding), and draft-free prompt lookup (`draft="lookup"`).
+tasks with bf16 and int8 weights (plain decoding), and draft-free prompt lookup and Jacobi iteration
+(`draft="lookup"`, `draft="jacobi"`).
 
-    python benchmarks/generate_throughput.py [--presets demo,small] [--new-tokens 256] [--compile]
+    python benchmarks/generate_throughput.py [--presets demo,small] [--new-tokens 256] [--compile] [--lookup-k 4,8,16]
     python benchmarks/generate_throughput.py --presets '' --model-run run/ --draft-run draft/ [--draft-k 2,4]
     python benchmarks/generate_throughput.py --gpu-1b        # CUDA: also 1b, seconds per 256-token image
 
@@ -140,13 +146,11 @@ def bench(preset: str, bundle: Path, new_tokens: int, rounds: int, device, compi
            "identical_greedy_ids": a_out == b_out}
     res["ratio"] = round(res["tessera_tokens_per_s"] / res["hf_tokens_per_s"], 3)
     res["floor_ratio"] = round(res["floor_tokens_per_s"] / res["hf_tokens_per_s"], 3)
-    for k in lookup_k:  # draft-free speculative decoding: prompt lookup, exact (identical greedy ids)
-        stats = {}
-
-        def lookup(k=k, stats=stats):
+    for k in lookup_k:  # draft-free speculative decoding: prompt lookup and Jacobi, exact (identical greedy ids)
+        def spec(jacobi, stats, k=k):
             cfg = GenerationConfig(max_new_tokens=new_tokens, temperature=0, draft_tokens=k)
-            steps = speculative_decode(m.model, PromptLookup(), [prompt], fsm, FSMConfig(), cfg, start_state=TEXT,
-                                       pad_id=L.pad, stats=stats)
+            steps = speculative_decode(m.model, PromptLookup(jacobi=jacobi), [prompt], fsm, FSMConfig(), cfg,
+                                       start_state=TEXT, pad_id=L.pad, stats=stats)
             return torch.stack(list(steps), 1)[0].tolist()
 
         def hf_lookup(k=k):  # HF's own prompt lookup (`prompt_lookup_num_tokens`), for the comparison's honesty
@@ -156,20 +160,23 @@ def bench(preset: str, bundle: Path, new_tokens: int, rounds: int, device, compi
                                   logits_processor=LogitsProcessorList([TextOnly()]), prompt_lookup_num_tokens=k)
             return out[0, len(prompt):].tolist()
 
-        l_out, h_out = lookup(), hf_lookup()
-        stats.clear()
-        lt, ht = [], []
+        stats = {"lookup": {}, "jacobi": {}}
+        fns = {"lookup": lambda st=stats: spec(False, st["lookup"]),
+               "jacobi": lambda st=stats: spec(True, st["jacobi"]), "hf_lookup": hf_lookup}
+        outs = {name: fn() for name, fn in fns.items()}
+        times = {name: [] for name in fns}
         for _ in range(rounds):
-            lt.append(timed(lookup)[0])
-            ht.append(timed(hf_lookup)[0])
-        res[f"tessera_lookup_k{k}_tokens_per_s"] = round(new_tokens / statistics.median(lt), 1)
-        res[f"lookup_k{k}_ratio"] = round(res[f"tessera_lookup_k{k}_tokens_per_s"] / res["hf_tokens_per_s"], 3)
-        res[f"lookup_k{k}_acceptance"] = round(stats["accepted"] / max(1, stats["drafted"]), 3)
-        res[f"lookup_k{k}_identical_greedy_ids"] = l_out == b_out
-        res[f"hf_lookup_k{k}_tokens_per_s"] = round(new_tokens / statistics.median(ht), 1)
-        res[f"lookup_k{k}_ratio_vs_hf_lookup"] = round(res[f"tessera_lookup_k{k}_tokens_per_s"]
-                                                      / res[f"hf_lookup_k{k}_tokens_per_s"], 3)
-        res[f"hf_lookup_k{k}_identical_greedy_ids"] = h_out == b_out
+            for name, fn in fns.items():
+                times[name].append(timed(fn)[0])
+        for name in fns:
+            res[f"{'' if name == 'hf_lookup' else 'tessera_'}{name}_k{k}_tokens_per_s"] = round(
+                new_tokens / statistics.median(times[name]), 1)
+            res[f"{name}_k{k}_identical_greedy_ids"] = outs[name] == b_out
+        for name in ("lookup", "jacobi"):
+            tps = res[f"tessera_{name}_k{k}_tokens_per_s"]
+            res[f"{name}_k{k}_ratio"] = round(tps / res["hf_tokens_per_s"], 3)
+            res[f"{name}_k{k}_ratio_vs_hf_lookup"] = round(tps / res[f"hf_lookup_k{k}_tokens_per_s"], 3)
+            res[f"{name}_k{k}_acceptance"] = round(stats[name]["accepted"] / max(1, stats[name]["drafted"]), 3)
     res["distinct_tokens_in_greedy_output"] = len(set(a_out))  # how repetitive the text is (lookup's acceptance)
     if compile_step:
         t = time.perf_counter()
@@ -201,27 +208,32 @@ def bench(preset: str, bundle: Path, new_tokens: int, rounds: int, device, compi
         res[f"{name}_ratio"] = round(res[f"tessera_{name}_tokens_per_s"] / res["hf_tokens_per_s"], 3)
         res[f"{name}_vs_fp32"] = round(res[f"tessera_{name}_tokens_per_s"] / res["tessera_tokens_per_s"], 3)
         res[f"{name}_greedy_ids_matching_fp32"] = round(sum(x == y for x, y in zip(low_out, a_out)) / new_tokens, 3)
-    for name, size in (("demo_image_4x4", None), ("image_16x16", (128, 128))) if images else ():
+    for name_, size in (("demo_image_4x4", None), ("image_16x16", (128, 128))) if images else ():
         m.generate("a drawing of the digit seven", output="image", cfg_scale=3.0, seed=0, image_size=size)
         times = [timed(lambda: m.generate("a drawing of the digit seven", output="image", cfg_scale=3.0, seed=s,
                                           image_size=size))[0] for s in range(rounds)]
-        res[f"seconds_per_{name}_cfg"] = round(statistics.median(times), 4)
-        for k in lookup_k:  # the same images with prompt-lookup speculation (exact: the same ids for a seed)
+        res[f"seconds_per_{name_}_cfg"] = round(statistics.median(times), 4)
+        for k in lookup_k:  # the same images with draft-free speculation (exact: the same ids for a seed)
             gen = lambda s, d: m.generate_ids("a drawing of the digit seven", output="image", cfg_scale=3.0,  # noqa: E731
                                               seed=s, image_size=size, temperature=0, **d)[0]
             plain_ids = [gen(s, {}) for s in range(rounds)]
-            spec = {"draft": "lookup", "draft_tokens": k}
-            same, pt, lt = True, [], []
+            variants = {name: {"draft": name, "draft_tokens": k} for name in ("lookup", "jacobi")}
+            times = {name: [] for name in ["plain", *variants]}
+            same = {name: True for name in variants}
+            counts = {name: [0, 0] for name in variants}
             for s in range(rounds):
-                pt.append(timed(lambda: gen(s, {}))[0])
-                dt, got = timed(lambda: gen(s, spec))
-                lt.append(dt)
-                same = same and got == plain_ids[s]
-            res[f"seconds_per_{name}_cfg_greedy"] = round(statistics.median(pt), 4)
-            res[f"seconds_per_{name}_cfg_greedy_lookup_k{k}"] = round(statistics.median(lt), 4)
-            res[f"{name}_lookup_k{k}_identical_ids"] = same
-            res[f"{name}_lookup_k{k}_acceptance"] = round(m.last_speculation["accepted"]
-                                                         / max(1, m.last_speculation["drafted"]), 3)
+                times["plain"].append(timed(lambda: gen(s, {}))[0])
+                for name, spec_kw in variants.items():
+                    dt, got = timed(lambda s=s, spec_kw=spec_kw: gen(s, spec_kw))
+                    times[name].append(dt)
+                    same[name] = same[name] and got == plain_ids[s]
+                    counts[name][0] += m.last_speculation["accepted"]
+                    counts[name][1] += m.last_speculation["drafted"]
+            res[f"seconds_per_{name_}_cfg_greedy"] = round(statistics.median(times["plain"]), 4)
+            for name in variants:
+                res[f"seconds_per_{name_}_cfg_greedy_{name}_k{k}"] = round(statistics.median(times[name]), 4)
+                res[f"{name_}_{name}_k{k}_identical_ids"] = same[name]
+                res[f"{name_}_{name}_k{k}_acceptance"] = round(counts[name][0] / max(1, counts[name][1]), 3)
     return res
 
 
@@ -261,12 +273,14 @@ def bench_trained(model_run: str, draft_run: str | None, ks: list[int], rounds: 
                     variants[f"spec_k{k}"] = (lambda s, k=k: m.generate_ids(prompt, temperature=temperature, seed=s,
                                                                             draft=draft, draft_tokens=k, **kw)[0])
             for k in ks:
-                variants[f"lookup_k{k}"] = (lambda s, k=k: m.generate_ids(prompt, temperature=temperature, seed=s,
-                                                                          draft="lookup", draft_tokens=k, **kw)[0])
+                for free in ("lookup", "jacobi"):
+                    variants[f"{free}_k{k}"] = (lambda s, k=k, free=free: m.generate_ids(
+                        prompt, temperature=temperature, seed=s, draft=free, draft_tokens=k, **kw)[0])
             for name, lm in low.items():
                 variants[name] = (lambda s, lm=lm: lm.generate_ids(prompt, temperature=temperature, seed=s, **kw)[0])
             times = {"plain": [], **{v: [] for v in variants}}
-            stats = {v: {"drafted": 0, "accepted": 0, "rounds": 0} for v in variants if v.startswith(("spec", "lookup"))}
+            stats = {v: {"drafted": 0, "accepted": 0, "rounds": 0} for v in variants
+                     if v.startswith(("spec", "lookup", "jacobi"))}
             same = {v: True for v in variants}
             for s in seeds:  # alternating, so a noisy machine affects every side
                 times["plain"].append(timed(lambda: plain(s))[0])
@@ -303,7 +317,7 @@ def main() -> None:
     p.add_argument("--model-run", help="a trained run: time its tasks plain, speculative and in bf16/int8")
     p.add_argument("--draft-run", help="a draft run over the same bundle, for the speculative rows")
     p.add_argument("--draft-k", default="2,4", help="draft tokens per round, comma-separated")
-    p.add_argument("--lookup-k", default="4,8",
+    p.add_argument("--lookup-k", default="4,8,16",
                    help="prompt-lookup rows of every preset (draft tokens per round, comma-separated; '' for none)")
     p.add_argument("--out", default=str(RESULTS))
     args = p.parse_args()

@@ -251,3 +251,21 @@ def test_a_generation_config_is_the_keyword_arguments_as_one_object(m):
         GenerationConfig(top_p=0.0)
     with pytest.raises(ValueError, match="^draft_tokens must be an integer >= 1"):
         GenerationConfig(draft_tokens=0)
+
+
+@pytest.mark.parametrize("device", [
+    pytest.param("cpu", marks=pytest.mark.slow),  # inductor's C++ kernels: about a minute of compiling
+    pytest.param("cuda", marks=[pytest.mark.gpu,
+                                pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]),
+])
+def test_compiled_decoding_equals_plain(fixture_tokenizer, device):
+    """`Tessera.compile()`: a static KV cache and a compiled step (on CUDA captured as CUDA graphs, replayed
+    from the second call on) give plain decoding's greedy ids, for text and for an image with CFG."""
+    from tessera.model.api import Tessera
+
+    m = Tessera(random_model(fixture_tokenizer, "tiny", seed=0).model.to(device), fixture_tokenizer)
+    cases = [("text", {"max_new_tokens": 24}), ("image", {"cfg_scale": 3.0})]
+    plain = [m.generate_ids(["hi", "a longer prompt"], output=o, temperature=0, **kw) for o, kw in cases]
+    m.compile()
+    for _ in range(2):
+        assert [m.generate_ids(["hi", "a longer prompt"], output=o, temperature=0, **kw) for o, kw in cases] == plain

@@ -211,16 +211,31 @@ def test_prompt_lookup_copies_what_followed_the_latest_match():
 
 
 @pytest.mark.parametrize("output, kw", CASES)
-def test_lookup_greedy_equals_plain_decoding(m, output, kw):
+@pytest.mark.parametrize("draft_free", ["lookup", "jacobi"])
+def test_lookup_greedy_equals_plain_decoding(m, output, kw, draft_free):
     for prompt in (PROMPTS[1], PROMPTS):
         plain = m.generate_ids(prompt, output=output, temperature=0, **kw)
-        assert m.generate_ids(prompt, output=output, temperature=0, draft="lookup", draft_tokens=3, **kw) == plain
+        assert m.generate_ids(prompt, output=output, temperature=0, draft=draft_free, draft_tokens=3, **kw) == plain
 
 
-def test_lookup_sampled_first_tokens_have_the_exact_plain_distribution():
+@pytest.mark.parametrize("jacobi, k", [(False, 2), (True, 1), (True, 2)])
+def test_lookup_sampled_first_tokens_have_the_exact_plain_distribution(jacobi, k):
     L, fsm, model, _ = tiny_setup()
     prompt = [1, 3, 4, 3, 4, 5, 3]
     ids, exact = exact_first_two(model, prompt, fsm)
-    spec = sampled(speculative_decode, model, PromptLookup(), fsm, L, prompt, N, seed=0)
+    spec = sampled(speculative_decode, model, PromptLookup(jacobi=jacobi), fsm, L, prompt, N, seed=0, k=k)
     stat, p = chi2_fit(joint_counts(spec, ids).ravel(), exact.ravel())
     assert p > 1e-3, (stat, p)
+
+
+def test_jacobi_guesses_first_with_the_models_predictions_past_a_rejection(m, monkeypatch):
+    """After a round with a rejected guess, Jacobi's next guesses start with what the model predicted past
+    it, so the lookup is asked for fewer; plain lookup always asks for all `k`."""
+    asked = []
+    original = PromptLookup.propose
+    monkeypatch.setattr(PromptLookup, "propose",
+                        lambda self, h, k: asked.append((self.jacobi, k)) or original(self, h, k))
+    for draft_free in ("lookup", "jacobi"):
+        m.generate_ids(PROMPTS[1], output="image", temperature=0, draft=draft_free, draft_tokens=4)
+    assert {k for j, k in asked if not j} == {4}
+    assert any(k < 4 for j, k in asked if j), asked

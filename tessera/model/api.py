@@ -66,6 +66,8 @@ def resolve_dtype(dtype, device: torch.device) -> tuple[torch.dtype, bool]:
 def _is_segment(x) -> bool:
     return isinstance(x, (str, Image.Image, Audio))
 
+DRAFT_FREE = ("lookup", "jacobi")  # the drafts that need no model (`PromptLookup`)
+
 
 class Tessera:
     """A trained decoder with its tokenizer bundle."""
@@ -131,7 +133,7 @@ class Tessera:
         if compile:
             m.compile()
         if draft is not None:
-            if not isinstance(draft, Tessera) and draft != "lookup":
+            if not isinstance(draft, Tessera) and draft not in DRAFT_FREE:
                 draft = cls.load(draft, device=device, dtype="int8" if int8 else dtype)
             m.set_draft(draft, draft_tokens)
         return m
@@ -145,10 +147,10 @@ class Tessera:
 
     def _check_draft(self, draft, draft_tokens) -> None:
         check_draft_tokens(draft_tokens)
-        if draft == "lookup":
+        if isinstance(draft, str) and draft in DRAFT_FREE:
             return
         if not isinstance(draft, Tessera):
-            raise TypeError(f"draft must be a tessera.Tessera (a loaded model) or 'lookup', not {draft!r}")
+            raise TypeError(f"draft must be a tessera.Tessera (a loaded model), 'lookup' or 'jacobi', not {draft!r}")
         a, b = self.tokenizer, draft.tokenizer
         same = a is b or (a.bundle_hash is not None and a.bundle_hash == b.bundle_hash)
         if not same:
@@ -260,7 +262,7 @@ class Tessera:
                       uncond_prompts=uncond, min_new_tokens=1 if output == "text" else 0)
         if draft is not None:
             self.last_speculation = {}
-            proposer = PromptLookup() if draft == "lookup" else draft.model
+            proposer = PromptLookup(jacobi=draft == "jacobi") if isinstance(draft, str) else draft.model
             gen = speculative_decode(self.model, proposer, ids, self.fsm, fsm_cfg, run, stats=self.last_speculation,
                                      **common)
         else:
@@ -316,7 +318,8 @@ class Tessera:
         (0, 1], a non-finite cfg_scale, a prompt that does not fit max_seq_len) raise ValueError.
 
         draft: a smaller model over the same tokenizer bundle for speculative decoding, or "lookup" (guesses
-        copied from earlier in the prompt and output; no draft model) (None: the default set by
+        copied from earlier in the prompt and output; no draft model), or "jacobi" (the same, and after a
+        rejection the model's own predictions past it guess first: Jacobi iteration) (None: the default set by
         `load(..., draft=...)` or `set_draft`, if any; False: plain decoding), proposing `draft_tokens`
         tokens a round (default 4). Greedy outputs are the same tokens as plain decoding; sampled ones have
         the same distribution (not the same tokens for a seed).

@@ -44,7 +44,7 @@ class GenerationConfig:
     seed: int | list[int] | None = None  # a list: one generator per prompt of a batch
     image_size: tuple[int, int] | None = None  # output="image": pixels (H, W); None: the codec's default
     max_audio_seconds: float | None = None  # output="audio" (default 10 s) or "any"
-    draft: object = None  # speculative decoding: a Tessera, "lookup", None (the default draft) or False (none)
+    draft: object = None  # speculative decoding: a Tessera, "lookup", "jacobi", None (the default) or False (none)
     draft_tokens: int | None = None  # guesses a round; None: the default
 
     def __post_init__(self):

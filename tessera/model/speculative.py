@@ -76,10 +76,13 @@ class PromptLookup:
     the history goes on copying its own guesses, so a match `p` tokens back proposes the last `p` tokens
     repeated: the next turns of a loop. No match: the last token, repeated."""
 
-    def __init__(self, max_ngram: int = 3, min_ngram: int = 1):
+    def __init__(self, max_ngram: int = 3, min_ngram: int = 1, jacobi: bool = False):
         if not 1 <= min_ngram <= max_ngram:
             raise ValueError(f"need 1 <= min_ngram <= max_ngram, got {min_ngram}, {max_ngram}")
         self.max_ngram, self.min_ngram = max_ngram, min_ngram
+        # Jacobi iteration: after a rejection, the model's own predictions for the positions past it (made in
+        # the same pass, from a prefix with one wrong token) become the first guesses of the next round
+        self.jacobi = jacobi
 
     def propose(self, history: list[int], k: int) -> list[int]:
         h = history
@@ -155,6 +158,7 @@ def speculative_decode(
     finished = [False] * B
     sent = 0
     n_rounds = n_drafted = n_accepted = 0
+    ahead: list[list[int]] = [[] for _ in range(B)]  # Jacobi: the model's predictions past a rejection
     both = (lambda x: torch.cat([x, x])) if guided else (lambda x: x)
     arange = torch.arange(k + 1, device=device)
 
@@ -181,7 +185,8 @@ def speculative_decode(
         # ---- the draft guesses k tokens, each under the FSM state the earlier guesses lead to
         states, masks, guesses, qs = [st], [], [], []
         if lookup:
-            copied = torch.tensor([draft.propose(prompts[i] + outs[i], k) for i in range(B)], device=device)
+            copied = torch.tensor([ahead[i] + draft.propose(prompts[i] + outs[i] + ahead[i], k - len(ahead[i]))
+                                   for i in range(B)], device=device)
         d0 = dcache.length if dcache is not None else 0
         two = bool(carry_ok.any()) and not lookup
         if two:
@@ -242,6 +247,9 @@ def speculative_decode(
             n = (u * qd < pd).long().cumprod(1).sum(1)
             at = n[:, None, None].expand(-1, 1, P.shape[2])
             x = _draw(residual(P.gather(1, at)[:, 0], Q.gather(1, at)[:, 0]), generator)
+        if lookup and draft.jacobi:  # predicted after the rejected guess: position n + 1 on, as next guesses
+            pred = target.argmax(-1).tolist()
+            ahead = [pred[i][int(n[i]) + 1 :] for i in range(B)]
         # ---- the FSM state each row's kept tokens lead to, then its new token
         pre = torch.stack([s_["state"] for s_ in states], 1)  # (B, k + 1): the state before each token
         st = {key: torch.stack([s_[key] for s_ in states], 1).gather(1, n[:, None])[:, 0] for key in st}
