@@ -228,6 +228,14 @@ def test_lookup_sampled_first_tokens_have_the_exact_plain_distribution(jacobi, k
     assert p > 1e-3, (stat, p)
 
 
+@pytest.mark.parametrize("draft_free", ["lookup", "jacobi"])
+def test_draft_free_sampled_outputs_keep_spans_whole(m, draft_free):
+    for output, kw in CASES:
+        for row in m.generate_ids(PROMPTS, output=output, temperature=1.0, seed=[4, 5, 6], draft=draft_free,
+                                  draft_tokens=4, **kw):
+            m.tokenizer.parse(row, strict=True)  # raises on a broken span
+
+
 def test_jacobi_guesses_first_with_the_models_predictions_past_a_rejection(m, monkeypatch):
     """After a round with a rejected guess, Jacobi's next guesses start with what the model predicted past
     it, so the lookup is asked for fewer; plain lookup always asks for all `k`."""
