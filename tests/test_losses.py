@@ -55,3 +55,66 @@ def test_prefixed_names_are_the_held_out_metrics():
     add_token_losses(m, {"ce": torch.tensor(3.0), "count": torch.tensor(2), "ce_mod": torch.tensor([3.0, 0.0, 0.0]),
                          "n_mod": torch.tensor([2, 0, 0])}, prefix="eval_")
     assert m.means() == {"eval_loss": 1.5, "eval_loss_text": 1.5}
+
+
+def _head_case(seed=0):
+    from tessera.model.transformer import Transformer, model_preset
+
+    cfg = model_preset("tiny")
+    cfg.vocab_size = L.padded_vocab_size
+    model = Transformer(cfg)
+    model.init_weights(seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, L.padded_vocab_size, (3, 20), generator=g)
+    targets = torch.randint(0, L.ranges["text"].end, (3, 20), generator=g)
+    targets[1, 4:12] = L.ranges["image"].offset + torch.arange(8)
+    targets[0, :6] = IGNORE
+    return model, ids, targets, torch.as_tensor(L.modality_table())
+
+
+def _loss_and_grads(model, ids, targets, modality, chunk, dtype=torch.float32):
+    from tessera.train.losses import losses_from_ce
+
+    model.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+        if chunk:
+            ce, lse = model(ids, loss_targets=targets.clamp(min=0), loss_chunk=chunk)
+        else:
+            logits = model(ids)
+    r = losses_from_ce(ce, lse, targets, modality) if chunk else token_losses(logits, targets, modality, z_loss=1.0)
+    (r["ce"] + 0.3 * r["z"]).backward()
+    return r, {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def test_the_chunked_head_gives_the_plain_losses_and_gradients():
+    """The output head and the loss a chunk of tokens at a time (`model/chunked_ce.py`): in fp32 the same sums
+    (CE, z-loss, per modality) and the same gradient of every weight as the logits path, for chunks that do
+    and do not divide the batch's tokens."""
+    model, ids, targets, modality = _head_case()
+    ref, ref_grads = _loss_and_grads(model, ids, targets, modality, chunk=0)
+    for chunk in (7, 16, 60, 1000):
+        r, grads = _loss_and_grads(model, ids, targets, modality, chunk=chunk)
+        for key in ("ce", "z", "ce_mod", "ce_row"):
+            assert torch.allclose(r[key], ref[key], rtol=1e-5, atol=1e-5), (chunk, key)
+        assert torch.equal(r["n_mod"], ref["n_mod"]) and int(r["count"]) == int(ref["count"])
+        for name, g in grads.items():
+            assert torch.allclose(g, ref_grads[name], rtol=1e-4, atol=1e-6), (chunk, name)
+
+
+def test_the_chunked_head_under_bf16_autocast_stays_close_to_the_plain_path():
+    model, ids, targets, modality = _head_case(seed=1)
+    ref, ref_grads = _loss_and_grads(model, ids, targets, modality, chunk=0, dtype=torch.bfloat16)
+    r, grads = _loss_and_grads(model, ids, targets, modality, chunk=16, dtype=torch.bfloat16)
+    assert torch.allclose(r["ce"], ref["ce"], rtol=1e-2)
+    for name, g in grads.items():
+        cos = torch.nn.functional.cosine_similarity(g.flatten(), ref_grads[name].flatten(), dim=0)
+        assert cos > 0.99, (name, float(cos))
+
+
+def test_the_chunked_head_refuses_a_chunk_of_no_tokens():
+    import pytest
+
+    from tessera.model.chunked_ce import linear_cross_entropy
+
+    with pytest.raises(ValueError, match="positive"):
+        linear_cross_entropy(torch.zeros(2, 4), torch.zeros(3, 4), torch.zeros(2, dtype=torch.long), 0)

@@ -347,3 +347,12 @@ def test_compile_auto_compiles_runs_long_enough_to_pay_it_back(monkeypatch):
 def test_the_log_says_whether_the_run_compiled_and_why(corpus, tmp_path, capsys):
     assert pretrain.main(args(corpus, tmp_path / "run", "--max-steps", "2")) == 0
     assert "compile: off (auto: a run of 2 steps is too short" in capsys.readouterr().out
+
+
+def test_the_chunked_head_trains_as_the_logits_path(corpus, tmp_path):
+    """`loss_chunk` (the head and the loss a chunk of tokens at a time): the same per-step losses as the
+    plain path in fp32, to float tolerance, with z-loss on (the default)."""
+    pretrain.main(args(corpus, tmp_path / "plain", "--max-steps", "4", *FP32))
+    pretrain.main(args(corpus, tmp_path / "chunked", "--max-steps", "4", "--set", "loss_chunk=48", *FP32))
+    for (s1, a), (s2, b) in zip(losses(tmp_path / "plain"), losses(tmp_path / "chunked"), strict=True):
+        assert s1 == s2 and a == pytest.approx(b, rel=1e-4)

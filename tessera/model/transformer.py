@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from tessera.config import preset as _preset
 from tessera.model.attention import BACKENDS, attention
+from tessera.model.chunked_ce import linear_cross_entropy
 
 
 @dataclass
@@ -246,10 +247,16 @@ class Transformer(nn.Module):
         doc_ids: torch.Tensor | None = None,
         cache=None,
         logits_to_keep: int = 0,
-    ) -> torch.Tensor:
+        loss_targets: torch.Tensor | None = None,
+        loss_chunk: int = 0,
+    ):
         """idx (B, T) -> logits (B, T, vocab) (the last `logits_to_keep` positions when it is > 0).
 
         With a KV cache, the caller brackets the call with `cache.begin(T, valid)` and `cache.advance(T)`.
+
+        Training with `loss_targets` (B, T) (ids in range; the caller masks the ones to ignore) and
+        `loss_chunk` > 0: no logits are kept; returns (ce, lse), each (B, T) fp32, every token's cross-entropy
+        and log-sum-exp, computed `loss_chunk` tokens at a time (`model/chunked_ce.py`).
         """
         B, T = idx.shape
         if positions is None:
@@ -262,6 +269,10 @@ class Transformer(nn.Module):
         cos, sin = self.rope[:, positions, None].to(h.dtype).unbind(0)  # each (B, T, 1, hd)
         for layer in self.layers:
             h = layer(h, cos, sin, doc_ids, cache)
+        if loss_targets is not None:
+            h = self.norm(h)
+            ce, lse = linear_cross_entropy(h.flatten(0, 1), self.output.weight, loss_targets.flatten(), loss_chunk)
+            return ce.view(B, T), lse.view(B, T)
         if logits_to_keep:
             h = h[:, -logits_to_keep:]
         return self.output(self.norm(h))

@@ -21,14 +21,23 @@ def token_losses(logits: torch.Tensor, targets: torch.Tensor, modality: torch.Te
     """Sums (not means) over the target tokens of a micro-batch: CE, z-loss, CE/counts per modality, and CE/counts
     per row (`ce_row`, `n_row`)."""
     V = logits.shape[-1]
-    flat, tgt = logits.reshape(-1, V).float(), targets.reshape(-1)
+    flat = logits.reshape(-1, V).float()
+    ce = F.cross_entropy(flat, targets.reshape(-1).clamp(min=0), reduction="none")
+    return losses_from_ce(ce, torch.logsumexp(flat, dim=-1) if z_loss else None, targets, modality)
+
+
+def losses_from_ce(ce: torch.Tensor, lse: torch.Tensor | None, targets: torch.Tensor, modality: torch.Tensor) -> dict:
+    """`token_losses`' sums from every token's cross-entropy `ce` (and log-sum-exp `lse`, for the z-loss; None:
+    no z-loss), each of the targets' shape or flat: what the chunked head (`Transformer(..., loss_targets=,
+    loss_chunk=)`) returns instead of logits."""
+    tgt = targets.reshape(-1)
     valid = tgt != IGNORE
-    ce = F.cross_entropy(flat, tgt.clamp(min=0), reduction="none") * valid
+    ce = ce.reshape(-1) * valid
     out = {"ce": ce.sum(), "count": valid.sum()}
     # per row (window) of the batch: what a mixture's per-set loss sums (train/mixture.py)
     out["ce_row"], out["n_row"] = ce.detach().reshape(targets.shape).sum(-1), valid.reshape(targets.shape).sum(-1)
-    if z_loss:
-        out["z"] = (torch.logsumexp(flat, dim=-1).pow(2) * valid).sum()
+    if lse is not None:
+        out["z"] = (lse.reshape(-1).pow(2) * valid).sum()
     mod = torch.where(valid, modality[tgt.clamp(min=0)], len(MODALITIES))
     out["ce_mod"] = torch.zeros(len(MODALITIES) + 1, device=ce.device).index_add_(0, mod, ce.detach())[:-1]
     # an index_add, not a bincount: bincount's output size depends on the data, which splits a compiled graph

@@ -79,7 +79,8 @@ from tessera.tokenizers.layout import VocabLayout
 from tessera.train import init_from, mixture
 from tessera.train.ema import WeightEMA
 from tessera.train.loader import IGNORE, LoaderConfig, PackedLoader, parse_mix
-from tessera.train.losses import LossMeter, add_token_losses, compiled_token_losses, evaluate, token_losses
+from tessera.train.losses import (LossMeter, add_token_losses, compiled_token_losses, evaluate, losses_from_ce,
+                                  token_losses)
 from tessera.train.mfu import peak_flops
 from tessera.train.parallel import (
     full_model_state,
@@ -133,6 +134,9 @@ class TrainConfig:
     fsdp: bool = False
     compile: str = "auto"  # auto | on | off: torch.compile each block and the loss (see decide_compile)
     activation_checkpointing: bool = False
+    # > 0: the output head and the loss a chunk of this many tokens at a time, never the whole batch's logits
+    # (model/chunked_ce.py): less memory where tokens x vocab is large, for one more head matmul; 0: off
+    loss_chunk: int = 0
     # CPU: keep freed memory for reuse instead of unmapping large blocks every step (runtime/host_memory.py)
     keep_freed_memory: bool = True
 
@@ -142,7 +146,7 @@ class TrainConfig:
                     "eval_batches"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key} must be >= 1, got {getattr(self, key)}")
-        for key in ("steps", "warmup_steps", "eval_every", "ckpt_every"):
+        for key in ("steps", "warmup_steps", "eval_every", "ckpt_every", "loss_chunk"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{key} must be >= 0 (0: off or planned), got {getattr(self, key)}")
         if self.dtype not in ("auto", "bf16", "fp32"):
@@ -581,8 +585,15 @@ def _train_locked(args, env) -> dict:
                 model.set_requires_gradient_sync(True)
             with sync:
                 with torch.autocast(env.device.type, dtype=autocast_dtype, enabled=autocast_dtype != torch.float32):
-                    logits = model(b["input_ids"], b["positions"], b["doc_ids"])
-                r = losses_fn(logits, b["targets"], modality, tcfg.z_loss)
+                    if tcfg.loss_chunk:  # per-token losses from the chunked head; no logits
+                        ce, lse = model(b["input_ids"], b["positions"], b["doc_ids"],
+                                        loss_targets=b["targets"].clamp(min=0), loss_chunk=tcfg.loss_chunk)
+                    else:
+                        logits = model(b["input_ids"], b["positions"], b["doc_ids"])
+                if tcfg.loss_chunk:
+                    r = losses_from_ce(ce, lse if tcfg.z_loss else None, b["targets"], modality)
+                else:
+                    r = losses_fn(logits, b["targets"], modality, tcfg.z_loss)
                 loss = r["ce"] + tcfg.z_loss * r.get("z", 0.0)
                 # DDP/FSDP average gradients over ranks; scale so the result is sum / global count.
                 (loss * env.world_size / global_count).backward()

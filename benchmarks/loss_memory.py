@@ -1,0 +1,155 @@
+"""Memory of the output head and the loss at a large vocabulary: tessera's chunked head (`loss_chunk`) next to
+its logits path and HF's default path, one training step each, in one run.
+
+Each side runs in its own process (peak resident memory is per process) on the same weights and batches:
+- `tessera`: the logits path (`pretrain` with `loss_chunk=0`): the whole batch's logits, then the loss;
+- `tessera_chunked`: `loss_chunk=N`: the head and the loss N tokens at a time (`tessera/model/chunked_ce.py`);
+- `hf`: `transformers.LlamaForCausalLM` with its default loss (logits, upcast to fp32 in the loss).
+The sides take turns, `--steps` steps each, for `--rounds` rounds; the JSON has each side's step time and
+peak RSS, and the peak above the process's resident memory once the model and the optimizer's state exist
+(what the step adds: activations, logits and gradients).
+
+    python benchmarks/loss_memory.py [--preset demo] [--vocab 65536] [--batch 4] [--seq 1024] [--chunk 1024]
+
+Writes benchmarks/results/loss_memory.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import platform
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from train_throughput import make_models
+
+RESULTS = Path(__file__).parent / "results" / "loss_memory.json"
+
+
+def rss_mb(peak: bool = True) -> float:
+    """The process's peak resident memory (or its current one), MB."""
+    if peak:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS in /proc/self/status")
+
+
+def worker(conn, side: str, preset: str, vocab: int, batch: int, seq: int, chunk: int, dtype: str) -> None:
+    from tessera.runtime.host_memory import keep_freed_memory
+    from tessera.train.losses import losses_from_ce, token_losses
+
+    dt = getattr(torch, dtype)
+    ours, hf, _ = make_models(preset, vocab, torch.device("cpu"))  # the same weights on every side
+    model = hf if side == "hf" else ours
+    del ours, hf
+    gc.collect()  # the other model's large blocks go back to the OS before freed memory is kept
+    keep_freed_memory()  # what pretrain does on a CPU, every side alike
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    g = torch.Generator().manual_seed(0)
+    data = [torch.randint(0, vocab, (batch, seq + 1), generator=g) for _ in range(2)]
+    modality = torch.zeros(vocab, dtype=torch.long)
+    k = {"i": 0}
+
+    def step():
+        k["i"] += 1
+        x = data[k["i"] % 2]
+        with torch.autocast("cpu", dtype=dt, enabled=dt != torch.float32):
+            if side == "hf":
+                loss = model(input_ids=x[:, :-1], labels=x[:, :-1]).loss  # HF shifts the labels itself
+            elif side == "tessera_chunked":
+                ce, lse = model(x[:, :-1], loss_targets=x[:, 1:], loss_chunk=chunk)
+            else:
+                logits = model(x[:, :-1])
+        if side == "tessera_chunked":
+            r = losses_from_ce(ce, lse, x[:, 1:], modality)
+            loss = r["ce"] / r["count"] + 1e-4 * r["z"] / r["count"]
+        elif side == "tessera":
+            r = token_losses(logits, x[:, 1:], modality, z_loss=1e-4)
+            loss = r["ce"] / r["count"] + 1e-4 * r["z"] / r["count"]
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    # the optimizer's state exists from the first step on: count it in the base, not in the step
+    for p in model.parameters():
+        opt.state[p]["exp_avg"] = torch.zeros_like(p)
+        opt.state[p]["exp_avg_sq"] = torch.zeros_like(p)
+        opt.state[p]["step"] = torch.tensor(0.0)
+    base = rss_mb(peak=False)
+    step()
+    conn.send({"base_rss_mb": base})
+    while (n := conn.recv()) is not None:
+        t = time.perf_counter()
+        for _ in range(n):
+            step()
+        conn.send((time.perf_counter() - t) / n)
+    conn.send({"peak_rss_mb": rss_mb()})
+
+
+def main() -> None:
+    import multiprocessing as mp
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", default="demo")
+    p.add_argument("--vocab", type=int, default=65536)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq", type=int, default=1024)
+    p.add_argument("--chunk", type=int, default=1024)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--out", default=str(RESULTS))
+    args = p.parse_args()
+    ctx = mp.get_context("spawn")
+    sides = ["tessera", "tessera_chunked", "hf"]
+    procs, conns, info = {}, {}, {}
+    for side in sides:  # built and warmed up one at a time
+        parent, child = ctx.Pipe()
+        procs[side] = ctx.Process(target=worker, args=(child, side, args.preset, args.vocab, args.batch, args.seq,
+                                                       args.chunk, args.dtype))
+        procs[side].start()
+        conns[side] = parent
+        info[side] = conns[side].recv()
+    times = {s: [] for s in sides}
+    for _ in range(args.rounds):
+        for side in sides:
+            conns[side].send(args.steps)
+            times[side].append(conns[side].recv())
+    for side in sides:
+        conns[side].send(None)
+        info[side].update(conns[side].recv())
+        procs[side].join()
+    tokens = args.batch * args.seq
+    row = {"preset": args.preset, "vocab": args.vocab, "batch": args.batch, "seq_len": args.seq, "chunk": args.chunk,
+           "dtype": args.dtype, "logits_mb_fp32": round(tokens * args.vocab * 4 / 2**20, 1)}
+    for side in sides:
+        t = statistics.median(times[side])
+        row[f"{side}_seconds_per_step"] = round(t, 3)
+        row[f"{side}_tokens_per_s"] = round(tokens / t, 1)
+        row[f"{side}_peak_rss_mb"] = round(info[side]["peak_rss_mb"], 1)
+        row[f"{side}_step_rss_mb"] = round(info[side]["peak_rss_mb"] - info[side]["base_rss_mb"], 1)
+    row["chunked_step_memory_vs_tessera"] = round(row["tessera_chunked_step_rss_mb"] / row["tessera_step_rss_mb"], 3)
+    row["chunked_step_memory_vs_hf"] = round(row["tessera_chunked_step_rss_mb"] / row["hf_step_rss_mb"], 3)
+    row["chunked_speed_vs_tessera"] = round(row["tessera_chunked_tokens_per_s"] / row["tessera_tokens_per_s"], 3)
+    row["chunked_speed_vs_hf"] = round(row["tessera_chunked_tokens_per_s"] / row["hf_tokens_per_s"], 3)
+    print(json.dumps(row, indent=1))
+    machine = {"device": platform.processor() or "cpu", "threads": torch.get_num_threads(), "torch": torch.__version__,
+               "transformers": __import__("transformers").__version__}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"benchmark": "loss_memory", "machine": machine, "runs": [row]}, indent=2) + "\n")
+    print(f"-> {out}")
+
+
+if __name__ == "__main__":
+    main()
