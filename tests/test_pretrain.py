@@ -356,3 +356,13 @@ def test_the_chunked_head_trains_as_the_logits_path(corpus, tmp_path):
     pretrain.main(args(corpus, tmp_path / "chunked", "--max-steps", "4", "--set", "loss_chunk=48", *FP32))
     for (s1, a), (s2, b) in zip(losses(tmp_path / "plain"), losses(tmp_path / "chunked"), strict=True):
         assert s1 == s2 and a == pytest.approx(b, rel=1e-4)
+
+
+def test_the_chunked_head_under_fsdp_trains_as_one_process(corpus, tmp_path):
+    """`loss_chunk` under FSDP2 (two processes, gloo): the head is gathered inside the model's forward as for
+    logits, so the per-step losses are one process's on the whole batch."""
+    pretrain.main(args(corpus, tmp_path / "one", "--max-steps", "3", "--set", "batch_size=4", *FP32))
+    _torchrun(corpus, tmp_path / "two", "--fsdp", "--max-steps", "3", "--set", "batch_size=2",
+              "--set", "loss_chunk=40", *FP32)
+    for (s1, a), (s2, b) in zip(losses(tmp_path / "one"), losses(tmp_path / "two"), strict=True):
+        assert s1 == s2 and a == pytest.approx(b, rel=1e-4)
