@@ -2,14 +2,16 @@
 its logits path and HF's default path, one training step each, in one run.
 
 Each side runs in its own process (peak resident memory is per process) on the same weights and batches:
-- `tessera`: the logits path (`pretrain` with `loss_chunk=0`): the whole batch's logits, then the loss;
-- `tessera_chunked`: `loss_chunk=N`: the head and the loss N tokens at a time (`tessera/model/chunked_ce.py`);
+- `tessera`: the logits path (`pretrain` with `loss_chunk=0`): the whole batch's logits, then the loss
+  (compiled, as a long run compiles it; `--no-compile-loss`: eager), z-loss 1e-4 (pretrain's default);
+- `tessera_chunked`: `loss_chunk=N`: the head and the loss N tokens at a time (`tessera/model/chunked_ce.py`),
+  z-loss 1e-4;
 - `hf`: `transformers.LlamaForCausalLM` with its default loss (logits, upcast to fp32 in the loss).
 The sides take turns, `--steps` steps each, for `--rounds` rounds; the JSON has each side's step time and
 peak RSS, and the peak above the process's resident memory once the model and the optimizer's state exist
 (what the step adds: activations, logits and gradients).
 
-    python benchmarks/loss_memory.py [--preset demo] [--vocab 65536] [--batch 4] [--seq 1024] [--chunk 1024]
+    python benchmarks/loss_memory.py [--preset demo] [--vocab 65536] [--batch 8] [--seq 512] [--chunk 1024] [--dtypes float32,bfloat16]
 
 Writes benchmarks/results/loss_memory.json.
 """
@@ -44,9 +46,16 @@ def rss_mb(peak: bool = True) -> float:
     raise RuntimeError("no VmRSS in /proc/self/status")
 
 
-def worker(conn, side: str, preset: str, vocab: int, batch: int, seq: int, chunk: int, dtype: str) -> None:
+def worker(conn, side: str, preset: str, vocab: int, batch: int, seq: int, chunk: int, dtype: str,
+           compile_loss: bool) -> None:
     from tessera.runtime.host_memory import keep_freed_memory
-    from tessera.train.losses import losses_from_ce, token_losses
+    from tessera.train.losses import compiled_token_losses, losses_from_ce, token_losses
+
+    if compile_loss:  # what `pretrain` runs on a long run (compile=auto): the loss compiled, its passes fused
+        from tessera.runtime.inductor import pin_cpu_threads
+
+        pin_cpu_threads()
+        token_losses = compiled_token_losses
 
     dt = getattr(torch, dtype)
     ours, hf, _ = make_models(preset, vocab, torch.device("cpu"))  # the same weights on every side
@@ -96,42 +105,42 @@ def worker(conn, side: str, preset: str, vocab: int, batch: int, seq: int, chunk
     conn.send({"peak_rss_mb": rss_mb()})
 
 
-def main() -> None:
+def run_row(args, dtype: str) -> dict:
+    """One dtype: every side in its own process, taking turns."""
     import multiprocessing as mp
 
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--preset", default="demo")
-    p.add_argument("--vocab", type=int, default=65536)
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--seq", type=int, default=1024)
-    p.add_argument("--chunk", type=int, default=1024)
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--steps", type=int, default=2)
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--out", default=str(RESULTS))
-    args = p.parse_args()
     ctx = mp.get_context("spawn")
     sides = ["tessera", "tessera_chunked", "hf"]
     procs, conns, info = {}, {}, {}
+
+    def recv(side):  # a side's answer; one that died (out of memory, an error) ends the run
+        while not conns[side].poll(1.0):
+            if not procs[side].is_alive():
+                for proc in procs.values():
+                    proc.kill()
+                raise SystemExit(f"the {side} side died (exit code {procs[side].exitcode})")
+        return conns[side].recv()
+
     for side in sides:  # built and warmed up one at a time
         parent, child = ctx.Pipe()
         procs[side] = ctx.Process(target=worker, args=(child, side, args.preset, args.vocab, args.batch, args.seq,
-                                                       args.chunk, args.dtype))
+                                                       args.chunk, dtype, args.compile_loss))
         procs[side].start()
         conns[side] = parent
-        info[side] = conns[side].recv()
+        info[side] = recv(side)
     times = {s: [] for s in sides}
     for _ in range(args.rounds):
         for side in sides:
             conns[side].send(args.steps)
-            times[side].append(conns[side].recv())
+            times[side].append(recv(side))
     for side in sides:
         conns[side].send(None)
-        info[side].update(conns[side].recv())
+        info[side].update(recv(side))
         procs[side].join()
     tokens = args.batch * args.seq
     row = {"preset": args.preset, "vocab": args.vocab, "batch": args.batch, "seq_len": args.seq, "chunk": args.chunk,
-           "dtype": args.dtype, "logits_mb_fp32": round(tokens * args.vocab * 4 / 2**20, 1)}
+           "dtype": dtype, "compiled_loss": args.compile_loss,
+           "logits_mb_fp32": round(tokens * args.vocab * 4 / 2**20, 1)}
     for side in sides:
         t = statistics.median(times[side])
         row[f"{side}_seconds_per_step"] = round(t, 3)
@@ -142,12 +151,30 @@ def main() -> None:
     row["chunked_step_memory_vs_hf"] = round(row["tessera_chunked_step_rss_mb"] / row["hf_step_rss_mb"], 3)
     row["chunked_speed_vs_tessera"] = round(row["tessera_chunked_tokens_per_s"] / row["tessera_tokens_per_s"], 3)
     row["chunked_speed_vs_hf"] = round(row["tessera_chunked_tokens_per_s"] / row["hf_tokens_per_s"], 3)
-    print(json.dumps(row, indent=1))
+    print(json.dumps(row, indent=1), flush=True)
+    return row
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", default="demo")
+    p.add_argument("--vocab", type=int, default=65536)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq", type=int, default=512)
+    p.add_argument("--chunk", type=int, default=1024)
+    p.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated: float32, bfloat16 (autocast)")
+    p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--compile-loss", action=argparse.BooleanOptionalAction, default=True,
+                   help="the logits side's loss compiled, as pretrain's long runs (default on)")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--out", default=str(RESULTS))
+    args = p.parse_args()
+    rows = [run_row(args, dtype) for dtype in args.dtypes.split(",")]
     machine = {"device": platform.processor() or "cpu", "threads": torch.get_num_threads(), "torch": torch.__version__,
                "transformers": __import__("transformers").__version__}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"benchmark": "loss_memory", "machine": machine, "runs": [row]}, indent=2) + "\n")
+    out.write_text(json.dumps({"benchmark": "loss_memory", "machine": machine, "runs": rows}, indent=2) + "\n")
     print(f"-> {out}")
 
 

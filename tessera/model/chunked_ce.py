@@ -46,9 +46,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
         for s in range(0, h.shape[0], ctx.chunk):
             hc = h[s : s + ctx.chunk].to(dt)
-            p = torch.exp(F.linear(hc, w).float() - lse[s : s + ctx.chunk, None])  # softmax
-            # d ce / d logits = softmax - onehot(target); d lse / d logits = softmax
-            g = p * (grad_ce[s : s + ctx.chunk] + grad_lse[s : s + ctx.chunk])[:, None]
+            # d ce / d logits = softmax - onehot(target); d lse / d logits = softmax. In place: one
+            # (chunk, vocab) fp32 buffer at a time (two under bf16: the matmul's output and its fp32 copy)
+            g = F.linear(hc, w).float().sub_(lse[s : s + ctx.chunk, None]).exp_()
+            g.mul_((grad_ce[s : s + ctx.chunk] + grad_lse[s : s + ctx.chunk])[:, None])
             g.scatter_add_(1, targets[s : s + ctx.chunk, None], -grad_ce[s : s + ctx.chunk, None])
             g = g.to(dt)
             grad_h[s : s + ctx.chunk] = (g @ w).to(h.dtype)
