@@ -8,8 +8,9 @@ Reported: tokens/s of each (median over rounds), ratios, and each side's peak re
 
 The sides: tessera as `pretrain` runs it by default (`--compile on`: blocks and loss compiled, as
 compile=auto does on a long run; on a CPU, freed memory kept for reuse, `keep_freed_memory`); the same
-with activation checkpointing; HF's default eager path (glibc's allocator as it comes); with
-`--hf-compile`, HF under torch.compile; and on a CPU, HF with tessera's allocator setting, for honesty.
+with activation checkpointing; HF's default eager path (glibc's allocator as it comes); HF under
+torch.compile (on by default; `--no-hf-compile` leaves it out); and on a CPU, HF with tessera's allocator
+setting, for honesty.
 
     python benchmarks/train_throughput.py                        # CPU: demo and small presets
     python benchmarks/train_throughput.py --gpu-1b               # CUDA: also the 1b preset, seq 4096, bf16, MFU
