@@ -351,11 +351,18 @@ def test_the_log_says_whether_the_run_compiled_and_why(corpus, tmp_path, capsys)
 
 def test_the_chunked_head_trains_as_the_logits_path(corpus, tmp_path):
     """`loss_chunk` (the head and the loss a chunk of tokens at a time): the same per-step losses as the
-    plain path in fp32, to float tolerance, with z-loss on (the default)."""
-    pretrain.main(args(corpus, tmp_path / "plain", "--max-steps", "4", *FP32))
-    pretrain.main(args(corpus, tmp_path / "chunked", "--max-steps", "4", "--set", "loss_chunk=48", *FP32))
+    plain path in fp32, to float tolerance, with z-loss on (the default), and the same held-out losses."""
+    held_out = ("--eval-data", str(corpus / "shards"))
+    pretrain.main(args(corpus, tmp_path / "plain", "--max-steps", "4", *held_out, *FP32))
+    pretrain.main(args(corpus, tmp_path / "chunked", "--max-steps", "4", "--set", "loss_chunk=48", *held_out, *FP32))
     for (s1, a), (s2, b) in zip(losses(tmp_path / "plain"), losses(tmp_path / "chunked"), strict=True):
         assert s1 == s2 and a == pytest.approx(b, rel=1e-4)
+    evals = [[r for r in read_metrics(run) if "eval_loss" in r] for run in (tmp_path / "plain", tmp_path / "chunked")]
+    assert evals[0] and len(evals[0]) == len(evals[1])
+    for a, b in zip(*evals):
+        assert a.keys() == b.keys() and "eval_loss" in a
+        for key in (k for k in a if k.startswith("eval_loss")):
+            assert a[key] == pytest.approx(b[key], rel=1e-4), key
 
 
 def test_the_chunked_head_under_fsdp_trains_as_one_process(corpus, tmp_path):

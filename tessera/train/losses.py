@@ -108,8 +108,9 @@ compiled_token_losses = torch.compile(token_losses, dynamic=False)
 
 @torch.no_grad()
 def evaluate(model, shards, layout: VocabLayout, seq_len: int, batch_size: int, max_batches: int, env,
-             dtype: torch.dtype) -> dict:
-    """Mean loss per modality over held-out shards (one sequential pass, at most `max_batches`)."""
+             dtype: torch.dtype, loss_chunk: int = 0) -> dict:
+    """Mean loss per modality over held-out shards (one sequential pass, at most `max_batches`); with
+    `loss_chunk` > 0, through the chunked head, as training with it (no whole-batch logits)."""
     model.eval()
     loader = PackedLoader(shards, LoaderConfig(seq_len=seq_len, batch_size=batch_size), layout,
                           rank=env.rank, world_size=env.world_size, sequential=True)
@@ -120,8 +121,14 @@ def evaluate(model, shards, layout: VocabLayout, seq_len: int, batch_size: int, 
             break
         b = {k: v.to(env.device) for k, v in b.items()}
         with torch.autocast(env.device.type, dtype=dtype, enabled=dtype != torch.float32):
-            logits = model(b["input_ids"], b["positions"], b["doc_ids"])
-        add_token_losses(meter, token_losses(logits, b["targets"], modality), prefix="eval_")
+            if loss_chunk:
+                ce, _ = model(b["input_ids"], b["positions"], b["doc_ids"], loss_targets=b["targets"].clamp(min=0),
+                              loss_chunk=loss_chunk)
+            else:
+                logits = model(b["input_ids"], b["positions"], b["doc_ids"])
+        r = losses_from_ce(ce, None, b["targets"], modality) if loss_chunk else token_losses(logits, b["targets"],
+                                                                                            modality)
+        add_token_losses(meter, r, prefix="eval_")
     if not meter.sums:  # no batch at all: the same names on every rank, so the reduction lines up
         add_token_losses(meter, {"ce": 0.0, "count": 0, "ce_mod": [0.0] * len(MODALITIES),
                                  "n_mod": [0] * len(MODALITIES)}, prefix="eval_")

@@ -659,7 +659,7 @@ def _train_locked(args, env) -> dict:
         if args.eval_data and tcfg.eval_every and step % tcfg.eval_every == 0:
             with averaged():
                 last_eval = evaluate(model, args.eval_data, layout, tcfg.seq_len, tcfg.batch_size, tcfg.eval_batches,
-                                     env, autocast_dtype)
+                                     env, autocast_dtype, tcfg.loss_chunk)
             note_eval(last_eval)
             progress.write(f"[tessera] step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in last_eval.items()))
             window["t0"] = time.perf_counter()
@@ -675,7 +675,7 @@ def _train_locked(args, env) -> dict:
     if args.eval_data:
         with averaged():
             last_eval = evaluate(model, args.eval_data, layout, tcfg.seq_len, tcfg.batch_size, tcfg.eval_batches, env,
-                                 autocast_dtype)
+                                 autocast_dtype, tcfg.loss_chunk)
         note_eval(last_eval)
     metrics.close()
     if tcfg.keep_best and env.is_main and best["step"] is not None:
