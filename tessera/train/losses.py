@@ -46,6 +46,23 @@ def losses_from_ce(ce: torch.Tensor, lse: torch.Tensor | None, targets: torch.Te
     return out
 
 
+def batch_losses(model, b: dict, modality: torch.Tensor, dtype: torch.dtype, z_loss: float = 0.0,
+                 loss_chunk: int = 0, losses_fn=token_losses) -> dict:
+    """`token_losses`' sums for a loader batch `b`: the model under autocast to `dtype` (fp32: none), then the
+    loss in fp32, from the logits (`losses_fn`) or, with `loss_chunk` > 0, from the chunked head's per-token
+    cross-entropy and log-sum-exp (no whole-batch logits)."""
+    device_type = b["input_ids"].device.type
+    with torch.autocast(device_type, dtype=dtype, enabled=dtype != torch.float32):
+        if loss_chunk:
+            ce, lse = model(b["input_ids"], b["positions"], b["doc_ids"], loss_targets=b["targets"].clamp(min=0),
+                            loss_chunk=loss_chunk)
+        else:
+            logits = model(b["input_ids"], b["positions"], b["doc_ids"])
+    if loss_chunk:
+        return losses_from_ce(ce, lse if z_loss else None, b["targets"], modality)
+    return losses_fn(logits, b["targets"], modality, z_loss)
+
+
 class LossMeter:
     """Sums and token counts per name (the metric's name: `loss`, `loss_text`, ...); the mean is sum / count.
 
@@ -120,15 +137,7 @@ def evaluate(model, shards, layout: VocabLayout, seq_len: int, batch_size: int, 
         if i >= max_batches:
             break
         b = {k: v.to(env.device) for k, v in b.items()}
-        with torch.autocast(env.device.type, dtype=dtype, enabled=dtype != torch.float32):
-            if loss_chunk:
-                ce, _ = model(b["input_ids"], b["positions"], b["doc_ids"], loss_targets=b["targets"].clamp(min=0),
-                              loss_chunk=loss_chunk)
-            else:
-                logits = model(b["input_ids"], b["positions"], b["doc_ids"])
-        r = losses_from_ce(ce, None, b["targets"], modality) if loss_chunk else token_losses(logits, b["targets"],
-                                                                                            modality)
-        add_token_losses(meter, r, prefix="eval_")
+        add_token_losses(meter, batch_losses(model, b, modality, dtype, loss_chunk=loss_chunk), prefix="eval_")
     if not meter.sums:  # no batch at all: the same names on every rank, so the reduction lines up
         add_token_losses(meter, {"ce": 0.0, "count": 0, "ce_mod": [0.0] * len(MODALITIES),
                                  "n_mod": [0] * len(MODALITIES)}, prefix="eval_")

@@ -79,7 +79,7 @@ from tessera.tokenizers.layout import VocabLayout
 from tessera.train import init_from, mixture
 from tessera.train.ema import WeightEMA
 from tessera.train.loader import IGNORE, LoaderConfig, PackedLoader, parse_mix
-from tessera.train.losses import (LossMeter, add_token_losses, compiled_token_losses, evaluate, losses_from_ce,
+from tessera.train.losses import (LossMeter, add_token_losses, batch_losses, compiled_token_losses, evaluate,
                                   token_losses)
 from tessera.train.mfu import peak_flops
 from tessera.train.parallel import (
@@ -584,16 +584,7 @@ def _train_locked(args, env) -> dict:
             elif last and tcfg.fsdp:
                 model.set_requires_gradient_sync(True)
             with sync:
-                with torch.autocast(env.device.type, dtype=autocast_dtype, enabled=autocast_dtype != torch.float32):
-                    if tcfg.loss_chunk:  # per-token losses from the chunked head; no logits
-                        ce, lse = model(b["input_ids"], b["positions"], b["doc_ids"],
-                                        loss_targets=b["targets"].clamp(min=0), loss_chunk=tcfg.loss_chunk)
-                    else:
-                        logits = model(b["input_ids"], b["positions"], b["doc_ids"])
-                if tcfg.loss_chunk:
-                    r = losses_from_ce(ce, lse if tcfg.z_loss else None, b["targets"], modality)
-                else:
-                    r = losses_fn(logits, b["targets"], modality, tcfg.z_loss)
+                r = batch_losses(model, b, modality, autocast_dtype, tcfg.z_loss, tcfg.loss_chunk, losses_fn)
                 loss = r["ce"] + tcfg.z_loss * r.get("z", 0.0)
                 # DDP/FSDP average gradients over ranks; scale so the result is sum / global count.
                 (loss * env.world_size / global_count).backward()
