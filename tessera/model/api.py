@@ -66,6 +66,7 @@ def resolve_dtype(dtype, device: torch.device) -> tuple[torch.dtype, bool]:
 def _is_segment(x) -> bool:
     return isinstance(x, (str, Image.Image, Audio))
 
+
 DRAFT_FREE = ("lookup", "jacobi")  # the drafts that need no model (`PromptLookup`)
 
 

@@ -248,7 +248,7 @@ def speculative_decode(
             at = n[:, None, None].expand(-1, 1, P.shape[2])
             x = _draw(residual(P.gather(1, at)[:, 0], Q.gather(1, at)[:, 0]), generator)
         if lookup and draft.jacobi:  # predicted after the rejected guess: position n + 1 on, as next guesses
-            pred = target.argmax(-1).tolist()
+            pred = (best if greedy else target.argmax(-1)).tolist()
             ahead = [pred[i][int(n[i]) + 1 :] for i in range(B)]
         # ---- the FSM state each row's kept tokens lead to, then its new token
         pre = torch.stack([s_["state"] for s_ in states], 1)  # (B, k + 1): the state before each token
