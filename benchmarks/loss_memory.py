@@ -11,7 +11,8 @@ The sides take turns, `--steps` steps each, for `--rounds` rounds; the JSON has 
 peak RSS, and the peak above the process's resident memory once the model and the optimizer's state exist
 (what the step adds: activations, logits and gradients).
 
-    python benchmarks/loss_memory.py [--preset demo] [--vocab 65536] [--batch 8] [--seq 512] [--chunk 1024] [--dtypes float32,bfloat16]
+    python benchmarks/loss_memory.py [--preset demo] [--vocab 65536] [--batch 8] [--seq 512] [--chunk 1024]
+        [--dtypes float32,bfloat16]
 
 Writes benchmarks/results/loss_memory.json.
 """
@@ -31,7 +32,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from train_throughput import make_models
+from train_throughput import make_models, recv_side
 
 RESULTS = Path(__file__).parent / "results" / "loss_memory.json"
 
@@ -113,13 +114,8 @@ def run_row(args, dtype: str) -> dict:
     sides = ["tessera", "tessera_chunked", "hf"]
     procs, conns, info = {}, {}, {}
 
-    def recv(side):  # a side's answer; one that died (out of memory, an error) ends the run
-        while not conns[side].poll(1.0):
-            if not procs[side].is_alive():
-                for proc in procs.values():
-                    proc.kill()
-                raise SystemExit(f"the {side} side died (exit code {procs[side].exitcode})")
-        return conns[side].recv()
+    def recv(side):
+        return recv_side(procs, conns, side, f"the {side} side of the {dtype} row")
 
     for side in sides:  # built and warmed up one at a time
         parent, child = ctx.Pipe()

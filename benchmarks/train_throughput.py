@@ -149,6 +149,17 @@ def side_worker(conn, side: str, preset: str, vocab: int, batch: int, seq: int, 
                "peak_cuda_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if dev.type == "cuda" else None})
 
 
+def recv_side(procs: dict, conns: dict, side: str, what: str):
+    """A side process's next answer; one that died (out of memory, a compile error) kills every side and ends
+    the run, instead of leaving the parent waiting on a pipe nobody writes to."""
+    while not conns[side].poll(1.0):
+        if not procs[side].is_alive():
+            for p in procs.values():
+                p.kill()
+            raise SystemExit(f"{what} died (exit code {procs[side].exitcode})")
+    return conns[side].recv()
+
+
 def bench_preset(preset: str, vocab: int, batch: int, seq: int, steps: int, warmup: int, rounds: int,
                  device: torch.device, dtype: torch.dtype, compile: bool = False, hf_compile: bool = False) -> dict:
     """One row: every side in its own (spawned) process, built from the same seed (the same weights) and fed
@@ -160,13 +171,8 @@ def bench_preset(preset: str, vocab: int, batch: int, seq: int, steps: int, warm
     ctx = mp.get_context("spawn")
     procs, conns, warm = {}, {}, {}
 
-    def recv(side):  # a side's answer; a side that died (out of memory, a compile error) ends the row
-        while not conns[side].poll(1.0):
-            if not procs[side].is_alive():
-                for p in procs.values():
-                    p.kill()
-                raise SystemExit(f"the {side} side of the {preset} row died (exit code {procs[side].exitcode})")
-        return conns[side].recv()
+    def recv(side):
+        return recv_side(procs, conns, side, f"the {side} side of the {preset} row")
 
     for side in sides:  # started and warmed up one at a time, so compilation does not share the cores
         parent, child = ctx.Pipe()
