@@ -15,15 +15,14 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import os
-import platform
 import time
 from pathlib import Path
 
 import numpy as np
 import soundfile as sf
 import torch
+from common import machine, write_result
 
 
 def synthetic_clips(n: int, seconds: float, sr: int = 16000) -> list[np.ndarray]:
@@ -113,6 +112,7 @@ def main(argv=None) -> int:
     ap.add_argument("--opus-kbps", type=float, default=6.0)
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "audio_codec.json"))
     args = ap.parse_args(argv)
+    load0 = [round(x, 2) for x in os.getloadavg()]
 
     torch.set_num_threads(args.threads)
     from tessera.unimodal.audio import AudioCodec, SEANetCodec, audio_codec_config, remove_weight_norm
@@ -149,20 +149,16 @@ def main(argv=None) -> int:
         "threads": args.threads, "repeats": args.repeats, "timing": "best of repeats",
         "tessera": rows, "opus": opus,
         "peer": "Opus (libopus via libsndfile/soundfile, Ogg container), one clip at a time",
-        "machine": {"platform": platform.platform(), "processor": platform.processor(),
-                    "cpu_count": os.cpu_count(), "load_average_at_start": list(os.getloadavg()),
-                    "torch": torch.__version__, "libsndfile": sf.__libsndfile_version__,
-                    "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
+        "machine": machine("cuda" if torch.cuda.is_available() else "cpu", load_average_at_start=load0,
+                           libsndfile=sf.__libsndfile_version__),
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    write_result(args.out, result)
     for r in rows:
         print(f"tessera {r['device']:4s}: encode RTF {r['encode_rtf']:.4f} ({r['encode_x_realtime']:.0f}x), "
               f"decode RTF {r['decode_rtf']:.4f} ({r['decode_x_realtime']:.0f}x); vs Opus: encode "
               f"{r['encode_speedup_vs_opus']:.2f}x, decode {r['decode_speedup_vs_opus']:.2f}x")
     print(f"opus {opus['kbps']:g} kbps: encode RTF {opus['encode_rtf']:.4f} ({opus['encode_x_realtime']:.0f}x), "
           f"decode RTF {opus['decode_rtf']:.4f} ({opus['decode_x_realtime']:.0f}x)")
-    print(f"wrote {args.out}")
     return 0
 
 

@@ -39,13 +39,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from common import machine, write_result
 
 RESULTS = Path(__file__).parent / "results" / "generate_throughput.json"
 
@@ -334,13 +334,7 @@ def main() -> None:
     if args.model_run:
         runs += bench_trained(args.model_run, args.draft_run, [int(k) for k in args.draft_k.split(",")],
                               args.rounds)
-    machine = {"device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
-               "threads": torch.get_num_threads(), "torch": torch.__version__,
-               "transformers": __import__("transformers").__version__}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"benchmark": "generate_throughput", "machine": machine, "runs": runs}, indent=2) + "\n")
-    print(f"-> {out}")
+    write_result(args.out, {"benchmark": "generate_throughput", "machine": machine(device), "runs": runs})
 
 
 if __name__ == "__main__":

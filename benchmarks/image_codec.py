@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -32,6 +30,8 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from common import machine, write_result  # noqa: E402
 
 from tessera.unimodal.image import ImageCodec, image_preset  # noqa: E402
 
@@ -111,6 +111,7 @@ def main(argv=None) -> int:
     p.add_argument("--seconds", type=float, default=3.0, help="time per measurement")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "image_codec.json"))
     args = p.parse_args(argv)
+    load0 = [round(x, 2) for x in os.getloadavg()]
     if args.threads:
         torch.set_num_threads(args.threads)
     sizes = [int(s) for s in args.sizes.split(",")]
@@ -140,19 +141,12 @@ def main(argv=None) -> int:
     result = {
         "benchmark": "image_codec",
         "peer": "Pillow JPEG (libjpeg), quality 75, one image at a time, one thread",
-        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                    "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                    "torch": torch.__version__, "pillow": Image.__version__,
-                    "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-                    "load_average_at_start": list(os.getloadavg())},
+        "machine": machine("cuda" if torch.cuda.is_available() else "cpu", load_average_at_start=load0),
         "jpeg": {str(k): v for k, v in jpeg.items()},
         "tessera": rows,
         "note": "untrained weights (speed does not depend on them); fp32; images/s; ratio = tessera / JPEG",
     }
-    from tessera.storage import atomic_write_json
-
-    atomic_write_json(args.out, result)
-    print(f"-> {out}")
+    write_result(args.out, result)
     return 0
 
 

@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from common import machine, write_result
 
 RESULTS = Path(__file__).parent / "results" / "loader.json"
 SIZES = {"10MB": 10 * 2**20, "100MB": 100 * 2**20, "1GB": 2**30}
@@ -38,7 +39,13 @@ def layout():
 
 def write_corpus(out: Path, nbytes: int, docs_per_shard: int = 200_000) -> None:
     """Random documents straight to shard files, one shard at a time (bounded memory)."""
-    from tessera.train.shards import SHARDS_FORMAT, SHARDS_VERSION, write_manifest, write_shard, write_source_index
+    from tessera.train.shards import (
+        SHARDS_FORMAT,
+        SHARDS_VERSION,
+        write_manifest,
+        write_shard,
+        write_source_index,
+    )
 
     if (out / "manifest.json").exists():
         return
@@ -142,14 +149,12 @@ def main() -> None:
         runs[size] = json.loads(r.stdout.strip().splitlines()[-1])
         print(size, runs[size], flush=True)
     train = training_tokens_per_s()
-    result = {"benchmark": "loader", "runs": runs, "demo_training_tokens_per_s": round(train),
+    result = {"benchmark": "loader", "machine": machine(), "runs": runs, "demo_training_tokens_per_s": round(train),
               "loader_over_training": {k: round(v["tokens_per_s"] / train, 1) for k, v in runs.items()}}
     sizes = list(runs)
     if len(sizes) > 1:
         result["rss_anon_growth_mb"] = round(runs[sizes[-1]]["rss_anon_mb_end"] - runs[sizes[0]]["rss_anon_mb_end"], 1)
-    from tessera.storage import atomic_write_json
-
-    atomic_write_json(args.out, result)
+    write_result(args.out, result)
     print(json.dumps(result, indent=2))
 
 

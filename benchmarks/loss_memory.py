@@ -22,8 +22,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import platform
-import resource
 import statistics
 import sys
 import time
@@ -32,19 +30,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+from common import machine, peak_rss_mb, reset_peak_rss, rss_mb, write_result
 from train_throughput import make_models, recv_side
 
 RESULTS = Path(__file__).parent / "results" / "loss_memory.json"
-
-
-def rss_mb(peak: bool = True) -> float:
-    """The process's peak resident memory (or its current one), MB."""
-    if peak:
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmRSS in /proc/self/status")
 
 
 def worker(conn, side: str, preset: str, vocab: int, batch: int, seq: int, chunk: int, dtype: str,
@@ -59,7 +48,7 @@ def worker(conn, side: str, preset: str, vocab: int, batch: int, seq: int, chunk
         token_losses = compiled_token_losses
 
     dt = getattr(torch, dtype)
-    ours, hf, _ = make_models(preset, vocab, torch.device("cpu"))  # the same weights on every side
+    ours, hf, _ = make_models(preset, vocab, torch.device("cpu"), hf=side == "hf")  # the same weights on every side
     model = hf if side == "hf" else ours
     del ours, hf
     gc.collect()  # the other model's large blocks go back to the OS before freed memory is kept
@@ -95,7 +84,8 @@ def worker(conn, side: str, preset: str, vocab: int, batch: int, seq: int, chunk
         opt.state[p]["exp_avg"] = torch.zeros_like(p)
         opt.state[p]["exp_avg_sq"] = torch.zeros_like(p)
         opt.state[p]["step"] = torch.tensor(0.0)
-    base = rss_mb(peak=False)
+    base = rss_mb()
+    reset_peak_rss()  # the peak from here: the model, its optimizer state and the steps
     step()
     conn.send({"base_rss_mb": base})
     while (n := conn.recv()) is not None:
@@ -103,7 +93,7 @@ def worker(conn, side: str, preset: str, vocab: int, batch: int, seq: int, chunk
         for _ in range(n):
             step()
         conn.send((time.perf_counter() - t) / n)
-    conn.send({"peak_rss_mb": rss_mb()})
+    conn.send({"peak_rss_mb": peak_rss_mb()})
 
 
 def run_row(args, dtype: str) -> dict:
@@ -166,12 +156,7 @@ def main() -> None:
     p.add_argument("--out", default=str(RESULTS))
     args = p.parse_args()
     rows = [run_row(args, dtype) for dtype in args.dtypes.split(",")]
-    machine = {"device": platform.processor() or "cpu", "threads": torch.get_num_threads(), "torch": torch.__version__,
-               "transformers": __import__("transformers").__version__}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"benchmark": "loss_memory", "machine": machine, "runs": rows}, indent=2) + "\n")
-    print(f"-> {out}")
+    write_result(args.out, {"benchmark": "loss_memory", "machine": machine(), "runs": rows})
 
 
 if __name__ == "__main__":

@@ -11,18 +11,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 from pathlib import Path
 
 import torch
+from common import machine, write_result
 
 RESULTS = Path(__file__).parent / "results" / "low_memory_quality.json"
 
 
 def main() -> None:
     import tessera
-    from tessera.storage import read_json
     from tessera.runtime.distributed import DistEnv
+    from tessera.storage import read_json
     from tessera.train.losses import evaluate
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -45,12 +45,8 @@ def main() -> None:
     base = rows[0]
     for r in rows[1:]:
         r["delta"] = {k: round(r[k] - base[k], 5) for k in r if k.startswith("eval_loss")}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"benchmark": "low_memory_quality", "model": args.model, "data": args.data,
-                               "machine": {"cpu": platform.processor() or "cpu", "torch": torch.__version__},
-                               "runs": rows}, indent=2) + "\n")
-    print(f"-> {out}")
+    write_result(args.out, {"benchmark": "low_memory_quality", "model": args.model, "data": args.data,
+                            "machine": machine(), "runs": rows})
 
 
 if __name__ == "__main__":

@@ -39,7 +39,6 @@ import hashlib
 import io
 import json
 import os
-import platform
 import random
 import resource
 import shutil
@@ -54,6 +53,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from audio_codec import synthetic_clips
+from common import machine, write_result
 from generate_throughput import demo_bundle
 
 RESULTS = Path(__file__).parent / "results" / "pretokenize.json"
@@ -335,7 +335,6 @@ def main() -> None:
     for flag in ("images", "clips", "rounds", "docs_per_shard", "process_images"):
         if getattr(args, flag) < 1:
             raise SystemExit(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
-    import torch
 
     load0 = os.getloadavg()
     t0 = time.perf_counter()
@@ -356,8 +355,7 @@ def main() -> None:
 
     result = {
         "benchmark": "pretokenize",
-        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                    "cpus": os.cpu_count(), "torch": torch.__version__, "loadavg_start": [round(x, 2) for x in load0]},
+        "machine": machine(loadavg_start=[round(x, 2) for x in load0]),
         "settings": {"images": args.images, "image_side": IMAGE_SIDE, "clips": args.clips,
                      "clip_seconds": CLIP_SECONDS, "process_images": args.process_images, "rounds": args.rounds,
                      "docs_per_shard": args.docs_per_shard,
@@ -372,9 +370,7 @@ def main() -> None:
                                     args.docs_per_shard, work)
     result["machine"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     result["seconds"] = round(time.perf_counter() - t0, 1)
-    from tessera.storage import atomic_write_json
-
-    atomic_write_json(args.out, result)
+    write_result(args.out, result)
     print(json.dumps(result, indent=2))
 
 

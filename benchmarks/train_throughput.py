@@ -25,20 +25,21 @@ Writes benchmarks/results/train_throughput.json.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
-import platform
 import statistics
 import time
 from pathlib import Path
 
 import torch
+from common import machine, peak_rss_mb, reset_peak_rss, write_result
 
 from tessera.model.hf_export import to_hf_model
 from tessera.model.transformer import Transformer, model_preset
 from tessera.runtime.inductor import pin_cpu_threads
+from tessera.train.losses import compiled_token_losses, token_losses
 from tessera.train.mfu import peak_flops
 from tessera.train.parallel import apply_activation_checkpointing, apply_compile
-from tessera.train.losses import compiled_token_losses, token_losses
 
 RESULTS = Path(__file__).parent / "results" / "train_throughput.json"
 
@@ -50,12 +51,13 @@ def bench_config(preset: str, vocab: int):
     return cfg
 
 
-def make_models(preset: str, vocab: int, device, seed: int = 0):
+def make_models(preset: str, vocab: int, device, seed: int = 0, hf: bool = True):
+    """tessera's model from `seed`, and (with `hf`) its LlamaForCausalLM copy: the same weights on both sides."""
     cfg = bench_config(preset, vocab)
     ours = Transformer(cfg)
     ours.init_weights(seed=seed)
-    hf = to_hf_model(ours).train()
-    return ours.to(device).train(), hf.to(device), cfg
+    copy = to_hf_model(ours).train().to(device) if hf else None
+    return ours.to(device).train(), copy, cfg
 
 
 def time_steps(step, n: int, sync) -> float:
@@ -79,19 +81,22 @@ SIDES = {  # name: (model, compiled, activation checkpointing, keep freed memory
 def side_worker(conn, side: str, preset: str, vocab: int, batch: int, seq: int, warmup: int, device: str,
                 dtype: str, threads: int, compile: bool) -> None:
     """One side of a row in its own process, as a user runs it: build, warm up, then time `steps` steps per
-    request from the parent; last, the process's peak resident memory."""
-    import resource
-
+    request from the parent; last, the process's peak resident memory from the end of the build on (the HF
+    side converts from a tessera model it then drops; that copy is not the step's memory)."""
     torch.set_num_threads(threads)
     pin_cpu_threads()  # compiled sides: kernels for this thread count, not a cached row's (runtime/inductor.py)
     kind, compiled, ac, keep = SIDES[side]
     compiled = compile if compiled is None else compiled
+    dev, dt = torch.device(device), getattr(torch, dtype)
+    ours, hf, _ = make_models(preset, vocab, dev, hf=kind == "hf")
+    if kind == "hf":
+        del ours
+    gc.collect()  # the dropped model's blocks go back to the OS before freed memory is kept
     if keep and device == "cpu":  # what `pretrain` does on a CPU by default (tessera/runtime/host_memory.py)
         from tessera.runtime.host_memory import keep_freed_memory
 
         keep_freed_memory()
-    dev, dt = torch.device(device), getattr(torch, dtype)
-    ours, hf, _ = make_models(preset, vocab, dev)
+    reset_peak_rss()
     g = torch.Generator().manual_seed(0)
     data = [torch.randint(0, vocab, (batch, seq + 1), generator=g).to(dev) for _ in range(4)]
     amp = dt != torch.float32
@@ -103,7 +108,6 @@ def side_worker(conn, side: str, preset: str, vocab: int, batch: int, seq: int, 
         return x[:, :-1], x[:, 1:]
 
     if kind == "tessera":
-        del hf
         if ac:
             apply_activation_checkpointing(ours)
         if compiled:  # what `pretrain --compile` does: each block compiled, and the loss
@@ -121,7 +125,6 @@ def side_worker(conn, side: str, preset: str, vocab: int, batch: int, seq: int, 
             opt.step()
             opt.zero_grad(set_to_none=True)
     else:
-        del ours
         model = torch.compile(hf) if compiled else hf
         opt = torch.optim.AdamW(hf.parameters(), lr=1e-4, fused=True)
 
@@ -145,7 +148,7 @@ def side_worker(conn, side: str, preset: str, vocab: int, batch: int, seq: int, 
         if msg is None:
             break
         conn.send(time_steps(step, msg, sync))
-    conn.send({"peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+    conn.send({"peak_rss_mb": round(peak_rss_mb(), 1),
                "peak_cuda_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if dev.type == "cuda" else None})
 
 
@@ -274,17 +277,12 @@ def main() -> None:
                          args.hf_compile)  # target: MFU >= 0.45
         print(json.dumps(r))
         runs.append(r)
-    machine = {"device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
-               "cpus": torch.get_num_threads(), "torch": torch.__version__,
-               "transformers": __import__("transformers").__version__}
     out = Path(args.out)
     if args.append and out.exists():
         key = lambda r: (r["preset"], r["threads"], r["dtype"])
         new = {key(r) for r in runs}
         runs = sorted([r for r in json.loads(out.read_text())["runs"] if key(r) not in new] + runs, key=key)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"benchmark": "train_throughput", "machine": machine, "runs": runs}, indent=2) + "\n")
-    print(f"-> {out}")
+    write_result(out, {"benchmark": "train_throughput", "machine": machine(device, threads=threads), "runs": runs})
 
 
 if __name__ == "__main__":
