@@ -238,12 +238,34 @@ def test_draft_free_sampled_outputs_keep_spans_whole(m, draft_free):
 
 def test_jacobi_guesses_first_with_the_models_predictions_past_a_rejection(m, monkeypatch):
     """After a round with a rejected guess, Jacobi's next guesses start with what the model predicted past
-    it, so the lookup is asked for fewer; plain lookup always asks for all `k`."""
+    it (where the output does not repeat itself), so copying is asked for fewer; plain lookup always asks
+    for all `k`."""
     asked = []
-    original = PromptLookup.propose
-    monkeypatch.setattr(PromptLookup, "propose",
+    original = PromptLookup.match
+    monkeypatch.setattr(PromptLookup, "match",
                         lambda self, h, k: asked.append((self.jacobi, k)) or original(self, h, k))
     for draft_free in ("lookup", "jacobi"):
         m.generate_ids(PROMPTS[1], output="image", temperature=0, draft=draft_free, draft_tokens=4)
     assert {k for j, k in asked if not j} == {4}
     assert any(k < 4 for j, k in asked if j), asked
+
+
+def test_jacobi_yields_to_copying_where_the_history_repeats():
+    pl = PromptLookup(jacobi=True)
+    # "2 3" occurred before: a loop, copied whatever the model predicted past the last rejection
+    assert pl.guesses([1, 2, 3, 9, 2, 3], [7, 7], 4) == [9, 2, 3, 9]
+    # only the last token recurs: the predictions first, then copying from them on ("1" is followed by "2 3")
+    assert pl.guesses([1, 2, 3, 9, 3], [4, 1], 4) == [4, 1, 2, 3]
+    assert pl.guesses([1, 2, 3], [], 2) == [3, 3]  # no predictions: plain lookup
+
+
+def test_jacobi_keeps_lookups_acceptance_on_a_looping_output(fixture_tokenizer):
+    """A random model's greedy text loops: Jacobi must not crowd copying out with predictions made past a
+    wrong token (once, it kept 1 guess for every 13 of copying's here)."""
+    m = random_model(fixture_tokenizer, "demo", seed=0)
+    acceptance = {}
+    for draft_free in ("lookup", "jacobi"):
+        m.generate_ids(PROMPTS[1], temperature=0, max_new_tokens=256, draft=draft_free, draft_tokens=4)
+        acceptance[draft_free] = m.last_speculation["accepted"] / m.last_speculation["drafted"]
+    assert acceptance["lookup"] > 0.1, acceptance  # the premise: this output loops
+    assert acceptance["jacobi"] >= 0.5 * acceptance["lookup"], acceptance

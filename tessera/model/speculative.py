@@ -70,6 +70,9 @@ def _uniform(rows: int, n: int, generator, device) -> torch.Tensor:
     return torch.rand(rows, n, generator=generator, device=device)
 
 
+JACOBI_YIELDS_TO = 2  # the n-gram match length from which copying outranks Jacobi's predictions
+
+
 class PromptLookup:
     """Draft-free guesses: the tokens that followed the latest earlier match of the last `n` tokens (the
     longest `n` from `max_ngram` down to `min_ngram` that matches). A continuation that runs into the end of
@@ -84,7 +87,8 @@ class PromptLookup:
         # the same pass, from a prefix with one wrong token) become the first guesses of the next round
         self.jacobi = jacobi
 
-    def propose(self, history: list[int], k: int) -> list[int]:
+    def match(self, history: list[int], k: int) -> tuple[list[int], int]:
+        """`k` guesses and the length of the n-gram they continue (0: no match, the last token repeated)."""
         h = history
         for n in range(min(self.max_ngram, len(h) - 1), self.min_ngram - 1, -1):
             tail = h[-n:]
@@ -95,8 +99,20 @@ class PromptLookup:
                     seq, at = list(h), start + n
                     for i in range(k):
                         seq.append(seq[at + i])
-                    return seq[len(h):]
-        return [h[-1]] * k
+                    return seq[len(h):], n
+        return [h[-1]] * k, 0
+
+    def propose(self, history: list[int], k: int) -> list[int]:
+        return self.match(history, k)[0]
+
+    def guesses(self, history: list[int], ahead: list[int], k: int) -> list[int]:
+        """A round's `k` guesses. With Jacobi predictions `ahead` from the last pass: copying still leads where
+        the history repeats itself (a match of `JACOBI_YIELDS_TO` tokens or more, the loop Jacobi cannot see
+        from one wrong token), the predictions elsewhere, copying filling the rest."""
+        copied, n = self.match(history, k)
+        if not ahead or n >= JACOBI_YIELDS_TO:
+            return copied
+        return ahead + self.propose(history + ahead, k - len(ahead))
 
 
 def _prefill(model, cache: KVCache, ids, valid, positions) -> None:
@@ -185,8 +201,8 @@ def speculative_decode(
         # ---- the draft guesses k tokens, each under the FSM state the earlier guesses lead to
         states, masks, guesses, qs = [st], [], [], []
         if lookup:
-            copied = torch.tensor([ahead[i] + draft.propose(prompts[i] + outs[i] + ahead[i], k - len(ahead[i]))
-                                   for i in range(B)], device=device)
+            copied = torch.tensor([draft.guesses(prompts[i] + outs[i], ahead[i], k) for i in range(B)],
+                                  device=device)
         d0 = dcache.length if dcache is not None else 0
         two = bool(carry_ok.any()) and not lookup
         if two:
