@@ -259,6 +259,8 @@ class Transformer(nn.Module):
         and log-sum-exp, computed `loss_chunk` tokens at a time (`model/chunked_ce.py`).
         """
         B, T = idx.shape
+        if loss_chunk and loss_targets is None:
+            raise ValueError("loss_chunk needs loss_targets: the chunked head computes losses, not logits")
         if positions is None:
             if cache is not None:
                 raise ValueError("decoding with a KV cache needs explicit positions")
