@@ -35,7 +35,8 @@ def test_compiled_kernels_follow_the_thread_count(tmp_path):
     cache = tmp_path / "inductor"
     run(1, "plain", cache)
     assert generated(cache, "num_threads(") == 0  # one thread: no parallel loops
-    run(2, "plain", cache)  # inductor's cache as it comes: the one-thread kernels are served again
-    assert generated(cache, "num_threads(2)") == 0
+    run(2, "plain", cache)  # inductor's cache as it comes (torch 2.11): the one-thread kernels are served again
+    if generated(cache, "num_threads(2)"):
+        pytest.skip("this torch keys its CPU kernels by thread count itself: nothing for the pin to fix")
     run(2, "pin", cache)  # pinned: the thread count is in the key and in the kernels
     assert generated(cache, "num_threads(2)") >= 1
