@@ -109,5 +109,8 @@ def test_load_takes_a_dtype_name_and_a_draft(tmp_path, text_dir, codec_bundle):
     other = fake_run(tmp_path / "other", text_dir, seed=2, bundle=codec_bundle)
     with pytest.raises(ValueError, match="share the bundle"):
         tessera.load(run, device="cpu", draft=other)
+    assert tessera.load(run, device="cpu", draft="jacobi").draft == "jacobi"
+    with pytest.raises(ValueError, match="spelled lookup or jacobi"):  # not "config.json is missing"
+        tessera.load(run, device="cpu", draft="Jacobi")
     with pytest.raises(ValueError, match="dtype must be"):
         resolve_dtype("int4", torch.device("cpu"))

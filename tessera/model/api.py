@@ -135,13 +135,16 @@ class Tessera:
             m.compile()
         if draft is not None:
             if not isinstance(draft, Tessera) and draft not in DRAFT_FREE:
+                if isinstance(draft, str) and draft.lower() in DRAFT_FREE and not Path(draft).exists():
+                    raise ValueError(f"draft {draft!r}: the draft-free modes are spelled {' or '.join(DRAFT_FREE)}")
                 draft = cls.load(draft, device=device, dtype="int8" if int8 else dtype)
             m.set_draft(draft, draft_tokens)
         return m
 
-    def set_draft(self, draft: "Tessera | None", draft_tokens: int = DEFAULT_DRAFT_TOKENS) -> None:
-        """Make `draft` (a smaller model over the same tokenizer bundle) the default draft of speculative
-        decoding, proposing `draft_tokens` tokens a round; None turns it off."""
+    def set_draft(self, draft: "Tessera | str | None", draft_tokens: int = DEFAULT_DRAFT_TOKENS) -> None:
+        """Make `draft` the default draft of speculative decoding, proposing `draft_tokens` tokens a round: a
+        smaller model over the same tokenizer bundle, or "lookup" / "jacobi" (no model: prompt lookup, and
+        Jacobi iteration on top of it; docs/generation.md). None turns it off."""
         if draft is not None:
             self._check_draft(draft, draft_tokens)
         self.draft, self.draft_tokens = draft, draft_tokens
@@ -416,8 +419,9 @@ def load(run_dir: str | Path, device=None, dtype=None, compile: bool = False, dr
     `dtype`: None (bf16 on CUDA, fp32 on CPU), a torch dtype, "fp32", "bf16", or "int8" (weight-only int8
     Linear layers, a quarter of fp32's bytes per step; see docs/generation.md for what each costs in quality).
 
-    `draft`: a run directory (or a loaded `Tessera`) of a smaller model over the same tokenizer bundle, made
-    the default draft of speculative decoding with `draft_tokens` tokens a round."""
+    `draft`: a run directory (or a loaded `Tessera`) of a smaller model over the same tokenizer bundle, or
+    "lookup" / "jacobi" (draft-free: prompt lookup, and Jacobi iteration on top of it), made the default draft
+    of speculative decoding with `draft_tokens` tokens a round."""
     return Tessera.load(run_dir, device=device, dtype=dtype, compile=compile, draft=draft,
                         draft_tokens=draft_tokens)
 
