@@ -96,7 +96,7 @@ def side_worker(conn, side: str, preset: str, vocab: int, batch: int, seq: int, 
         from tessera.runtime.host_memory import keep_freed_memory
 
         keep_freed_memory()
-    reset_peak_rss()
+    from_build = reset_peak_rss()
     g = torch.Generator().manual_seed(0)
     data = [torch.randint(0, vocab, (batch, seq + 1), generator=g).to(dev) for _ in range(4)]
     amp = dt != torch.float32
@@ -148,7 +148,7 @@ def side_worker(conn, side: str, preset: str, vocab: int, batch: int, seq: int, 
         if msg is None:
             break
         conn.send(time_steps(step, msg, sync))
-    conn.send({"peak_rss_mb": round(peak_rss_mb(), 1),
+    conn.send({"peak_rss_mb": round(peak_rss_mb(), 1), "from_build": from_build,
                "peak_cuda_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if dev.type == "cuda" else None})
 
 
@@ -215,6 +215,7 @@ def bench_preset(preset: str, vocab: int, batch: int, seq: int, steps: int, warm
         "tessera_warmup_overhead_s": round(warm["tessera"] - warmup * statistics.median(times["tessera"]), 2),
         "seconds_per_step": {s: [round(x, 4) for x in t] for s, t in times.items()},
         "peak_rss_mb": {s: m["peak_rss_mb"] for s, m in mem.items()},
+        "peak_rss_counted_from": "end of build" if all(m["from_build"] for m in mem.values()) else "process start",
         "peak_cuda_mb": {s: m["peak_cuda_mb"] for s, m in mem.items()} if device.type == "cuda" else None,
         "tessera_mfu": round(fpt * ours_tps / peak, 4) if peak else None,
         "hf_mfu": round(fpt * hf_tps / peak, 4) if peak else None, "peak_flops": peak, "peak_source": src,
@@ -252,10 +253,17 @@ def main() -> None:
     p.add_argument("--gpu-1b", action="store_true", help="also the 1b preset at seq 4096 in bf16 (CUDA)")
     p.add_argument("--out", default=str(RESULTS))
     p.add_argument("--append", action="store_true",
-                   help="keep the rows already in --out, replacing those of the same preset, threads and dtype "
-                        "(to run presets with different --steps into one file)")
+                   help="keep the rows already in --out, replacing those of the same preset, threads, dtype and "
+                        "compile setting (to run presets with different --steps into one file)")
     args = p.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    out, old = Path(args.out), None
+    if args.append and out.exists():  # one machine per file: its rows must come from this one
+        old, here = json.loads(out.read_text()), machine(device)
+        same = ("processor", "cpu_count", "cuda", "libraries")
+        if any(old.get("machine", {}).get(f) != here[f] for f in same):
+            raise SystemExit(f"--append: {out} holds rows from another machine or other library versions "
+                             f"({', '.join(same)} differ); write to another --out")
     names = args.dtypes.split(",") if args.dtypes else ["bf16" if device.type == "cuda" else "fp32"]
     dtypes = [{"fp32": torch.float32, "bf16": torch.bfloat16}[n] for n in names]
     runs = []
@@ -277,11 +285,11 @@ def main() -> None:
                          args.hf_compile)  # target: MFU >= 0.45
         print(json.dumps(r))
         runs.append(r)
-    out = Path(args.out)
-    if args.append and out.exists():
-        key = lambda r: (r["preset"], r["threads"], r["dtype"])
+    if old is not None:
+        key = lambda r: (r["preset"], r["threads"], r["dtype"], r["compile"])
         new = {key(r) for r in runs}
-        runs = sorted([r for r in json.loads(out.read_text())["runs"] if key(r) not in new] + runs, key=key)
+        runs = sorted([r for r in old["runs"] if key(r) not in new] + runs, key=key)
+        threads = sorted(set(threads) | set(old["machine"].get("threads", [])))
     write_result(out, {"benchmark": "train_throughput", "machine": machine(device, threads=threads), "runs": runs})
 
 
