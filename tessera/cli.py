@@ -43,7 +43,7 @@ COMMANDS = [
     (("eval",), "tessera.eval.harness", "eval",
      "evaluate a trained run on task sets (digits, or your own JSONL)"),
     (("export", "hf"), "tessera.model.hf_export", "export",
-     "export a run as a Hugging Face transformers model (Llama or Qwen3)"),
+     "export a run as a Hugging Face transformers model (Llama, Qwen2 or Qwen3)"),
     (("demo",), "tessera.eval.demo", "demo",
      "the whole pipeline on the offline digits corpus: tokenizers, data, pretraining, eval, report"),
 ]

@@ -180,3 +180,34 @@ def replace_dir(tmp_dir: Path, final_dir: Path) -> None:
     else:
         os.replace(tmp_dir, final_dir)
     _fsync_dir(final_dir.parent)
+
+
+def check_output_dir(out: str | os.PathLike, inputs, *, noun: str, markers: tuple[str, ...], error=None,
+                     force: bool = False, inside_inputs: bool = False, ignore: tuple[str, ...] = (".lock",)) -> None:
+    """Where a command writes: never an input's directory, a directory inside one (unless `inside_inputs`),
+    or one that holds one; a non-empty directory (not counting `ignore`: the run's own lock) only when it
+    already is `noun` ("a training run": it has one of the names in `markers`). With `force` (a command that
+    replaces its output) the same holds: `--force` replaces such an output, nothing else. `inputs` may hold
+    None for inputs not given. Reads only."""
+    from tessera.errors import TesseraError
+
+    error = error or TesseraError
+    out = Path(out)
+    root = out.resolve()
+    for p in inputs:
+        if p is None:
+            continue
+        p = Path(p)
+        rp = p.resolve()
+        if root == rp or (root.is_relative_to(rp) and not inside_inputs):
+            where = "is" if root == rp else "lies inside"
+            raise error(f"--out {out} {where} the input {p}: a run's files would mix with its input; "
+                        "choose an --out apart from the inputs")
+        if rp.is_relative_to(root):
+            raise error(f"--out {out} holds the input {p}; choose an --out apart from the inputs")
+    if out.exists() and not out.is_dir():
+        raise error(f"--out {out} is a file, not a directory")
+    mine = any((out / m).exists() for m in markers)
+    if out.is_dir() and not mine and any(q.name not in ignore for q in out.iterdir()):
+        raise error(f"--out {out} is not empty and is not {noun}"
+                    + ("; --force only replaces one" if force else "") + ": choose a new or empty --out")

@@ -57,7 +57,7 @@ def test_codec_sizes_enter_the_layout_and_tampering_is_detected(tmp_path, text_d
 
 def test_wrong_kind_is_refused(tmp_path, text_dir):
     aud = fake_codec(tmp_path / "aud", CodecInfo(kind="audio", codebook_size=16, levels=2, sample_rate=16000))
-    with pytest.raises(BundleError, match="holds a audio codec, but was given as --image"):
+    with pytest.raises(BundleError, match="holds a codec of kind 'audio', but was given as --image"):
         build_bundle(tmp_path / "b", text_dir, image=aud)
 
 

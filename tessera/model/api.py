@@ -100,9 +100,10 @@ class Tessera:
         for key in ("model", "tokenizer_hash"):
             if key not in config:
                 raise LoadError(f"{cfg_path} has no {key!r}; it was not written by tessera train")
-        if device is None:
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        device = torch.device(device)
+        if not isinstance(device, torch.device):  # a name: checked (one line where CUDA is missing)
+            from tessera.runtime.distributed import resolve_device
+
+            device = resolve_device(device)
         dtype, int8 = resolve_dtype(dtype, device)
         tokenizer = load_bundle(run / "tokenizer", device=device)
         if tokenizer.bundle_hash != config["tokenizer_hash"]:
@@ -175,6 +176,9 @@ class Tessera:
 
     # ------------------------------------------------------------------------------------- prompts
     def _prompt_ids(self, prompt) -> list[int]:
+        if not (_is_segment(prompt) or isinstance(prompt, (list, tuple))):
+            raise TypeError(f"a prompt is a str, PIL.Image.Image, tessera.Audio or a list of them, not "
+                            f"{type(prompt).__name__}")
         segs = [prompt] if _is_segment(prompt) else list(prompt)
         for s in segs:
             if not _is_segment(s):

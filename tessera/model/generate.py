@@ -55,12 +55,16 @@ class GenerationConfig:
         # `not x >= 0` is also true for NaN, which would otherwise reach torch.multinomial as a bad distribution.
         if not (math.isfinite(self.temperature) and self.temperature >= 0):
             raise ValueError(f"temperature must be a finite number >= 0 (0: greedy), got {self.temperature}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0 (0: off), got {self.top_k}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1] (1: off), got {self.top_p}")
         if not math.isfinite(self.cfg_scale):
             raise ValueError(f"cfg_scale must be a finite number (1: off), got {self.cfg_scale}")
+        if not (isinstance(self.top_k, numbers.Integral) and self.top_k >= 0):
+            raise ValueError(f"top_k must be an integer >= 0 (0: off), got {self.top_k!r}")
+        if self.max_audio_seconds is not None and not (isinstance(self.max_audio_seconds, numbers.Real)
+                                                       and 0 < self.max_audio_seconds < math.inf):
+            raise ValueError(f"max_audio_seconds must be a finite number > 0 (None: the default), got "
+                             f"{self.max_audio_seconds!r}")
         if self.draft_tokens is not None:
             check_draft_tokens(self.draft_tokens)
 

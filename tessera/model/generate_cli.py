@@ -29,8 +29,19 @@ def add_generate_arguments(p) -> None:
 
 
 def run_generate(args) -> int:
+    from tessera.errors import TesseraError
     from tessera.model.api import load
+    from tessera.model.generate import GenerationConfig
 
+    if args.samples < 1:
+        raise TesseraError(f"--samples must be >= 1, got {args.samples}")
+    try:  # the options a user typed: a bad one is one line naming it, before the model loads
+        config = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                  top_k=args.top_k, top_p=args.top_p, cfg_scale=args.cfg_scale,
+                                  image_size=tuple(args.image_size) if args.image_size else None,
+                                  max_audio_seconds=args.max_audio_seconds)
+    except ValueError as e:
+        raise TesseraError(str(e).replace("max_new_tokens", "--max-new-tokens")) from None
     m = load(args.model, device=args.device)
     prompt: list = [load_image(p) for p in args.image]
     prompt += [load_audio(p) for p in args.audio]
@@ -43,10 +54,10 @@ def run_generate(args) -> int:
     batch = [list(prompt) for _ in range(args.samples)]
     written = []
     for k in range(args.samples):
-        segs = m.generate(batch[k], output=args.output, max_new_tokens=args.max_new_tokens,
-                          temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, cfg_scale=args.cfg_scale,
-                          seed=args.seed + k, image_size=tuple(args.image_size) if args.image_size else None,
-                          max_audio_seconds=args.max_audio_seconds)
+        try:  # what depends on the model (an image size its codec cannot make, a budget past its context)
+            segs = m.generate(batch[k], output=args.output, config=config, seed=args.seed + k)
+        except ValueError as e:
+            raise TesseraError(str(e)) from None
         for j, s in enumerate(segs):
             stem = out / (f"{k}" if len(segs) == 1 else f"{k}_{j}")
             if isinstance(s, str):

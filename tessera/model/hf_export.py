@@ -26,7 +26,7 @@ import torch
 
 from tessera.model.hf_tokenizer import save_hf_tokenizer
 from tessera.model.transformer import ModelConfig, Transformer
-from tessera.storage import atomic_write_json, make_temp_dir, replace_dir, save_tensors
+from tessera.storage import atomic_write_json, check_output_dir, make_temp_dir, replace_dir, save_tensors
 
 
 def hf_architecture(cfg: ModelConfig) -> str:
@@ -151,6 +151,9 @@ def run_export(args) -> int:
     from tessera.model.api import load
 
     out = Path(args.out)
+    # --force replaces an export (it holds the bundle's copy, tessera_tokenizer/), never the run or user files
+    check_output_dir(out, [args.model], noun="a Hugging Face export of a tessera run", markers=("tessera_tokenizer",),
+                     force=True, inside_inputs=True)
     if out.exists() and any(out.iterdir()) and not args.force:
         raise TesseraError(f"{out} already exists; pass --force to replace it")
     m = load(args.model, device="cpu", dtype=torch.float32)

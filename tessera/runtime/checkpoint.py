@@ -272,3 +272,20 @@ def restore_rng(tensors: dict[str, torch.Tensor], meta: dict) -> None:
     random.setstate((py[0], tuple(py[1]), py[2]))
     n = meta["numpy"]
     np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), n[2], n[3], n[4]))
+
+
+def lock_run(lock: RunLock, env, only_an_existing_dir: bool) -> None:
+    """Rank 0 takes the run's lock (with `only_an_existing_dir`, only if the directory exists: a run in
+    progress is reported before the arguments are checked, and bad input creates nothing); every rank raises
+    if it could not."""
+    from tessera.runtime.distributed import broadcast_object
+
+    error = None
+    if env.is_main and not (only_an_existing_dir and not lock.path.parent.is_dir()):
+        try:
+            lock.acquire()
+        except RunLockedError as e:
+            error = str(e)
+    error = broadcast_object(error)
+    if error:
+        raise RunLockedError(error)

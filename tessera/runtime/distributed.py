@@ -33,12 +33,22 @@ class DistEnv:
 
 def resolve_device(device: str | None = None, local_rank: int = 0) -> torch.device:
     """'auto' (or None) picks CUDA when available, else CPU."""
+    from tessera.errors import TesseraError
+
     if device in (None, "auto"):
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise TesseraError(f"--device {device} is not a device: give auto, cpu, cuda or cuda:N") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise TesseraError(f"--device {device}: tessera runs on cpu or cuda (auto picks cuda when available)")
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError("--device cuda was asked for, but CUDA is not available")
+            raise TesseraError(f"--device {device} was asked for, but CUDA is not available on this machine "
+                               "(--device cpu, or auto)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise TesseraError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
         if dev.index is None:
             dev = torch.device("cuda", local_rank)
         torch.cuda.set_device(dev)

@@ -50,11 +50,23 @@ DEFAULT_STEPS = 1000  # the steps of a training run with neither --max-steps nor
 
 def add_budget_arguments(p) -> None:
     """`--max-steps` and `--max-minutes`, the bounds every trainer takes, with the planning rule in their help."""
-    p.add_argument("--max-steps", type=int, default=None, help="stop at this step (also the lr schedule's length)")
+    p.add_argument("--max-steps", type=int, default=None,
+                   help="stop at this step (also the lr schedule's length; 0: write the starting weights and stop)")
     p.add_argument("--max-minutes", type=float, default=None,
                    help="stop after this much wall time (this invocation). Without --max-steps the lr schedule "
                         "and the progress bar are sized to the steps that fit, measured from throughput and "
                         "re-planned if it drifts; with both, whichever comes first ends the run")
+
+
+def check_budget(max_steps, max_minutes) -> None:
+    """The bounds a trainer was given, checked before it writes anything (a `TesseraError` names the flag)."""
+    from tessera.errors import TesseraError
+
+    if max_steps is not None and (isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 0):
+        raise TesseraError(f"--max-steps must be an integer >= 0 (0: write the starting weights, no step), "
+                           f"got {max_steps!r}")
+    if max_minutes is not None and not (isinstance(max_minutes, (int, float)) and 0 <= max_minutes < math.inf):
+        raise TesseraError(f"--max-minutes must be a finite number >= 0, got {max_minutes!r}")
 
 
 class RunBudget:
@@ -75,6 +87,7 @@ class RunBudget:
 
     def __init__(self, max_steps: int | None = None, max_minutes: float | None = None, handle_signals: bool = True,
                  start_step: int = 0, clock: Callable[[], float] | None = None):
+        check_budget(max_steps, max_minutes)
         self.max_steps = max_steps
         self.max_minutes = max_minutes
         self.start_step = start_step

@@ -137,7 +137,7 @@ def build_bundle(
             continue
         info = read_codec_info(src)
         if info.kind != kind:
-            raise BundleError(f"{src} holds a {info.kind} codec, but was given as --{kind}")
+            raise BundleError(f"{src} holds a codec of kind {info.kind!r}, but was given as --{kind}")
         infos[kind] = info
     if "image" in infos and infos["image"].max_size:
         info = infos["image"]

@@ -56,9 +56,9 @@ from tessera.model.transformer import ModelConfig, Transformer, model_preset
 from tessera.runtime.checkpoint import (
     CheckpointManager,
     RunLock,
-    RunLockedError,
     capture_rng,
     flatten_optimizer_state,
+    lock_run,
     restore_rng,
     unflatten_optimizer_state,
 )
@@ -66,14 +66,20 @@ from tessera.runtime.distributed import (
     all_gather_object,
     all_reduce,
     barrier,
-    broadcast_object,
     destroy_distributed,
     init_distributed,
 )
 from tessera.runtime.host_memory import keep_freed_memory
 from tessera.runtime.monitor import MetricsLogger, Progress
-from tessera.runtime.schedule import DEFAULT_STEPS, SCHEDULES, RunBudget, add_budget_arguments, lr_factor
-from tessera.storage import atomic_write_json, read_json, save_tensors
+from tessera.runtime.schedule import (
+    DEFAULT_STEPS,
+    SCHEDULES,
+    RunBudget,
+    add_budget_arguments,
+    check_budget,
+    lr_factor,
+)
+from tessera.storage import atomic_write_json, check_output_dir, read_json, save_tensors
 from tessera.tokenizers.bundle import read_bundle_spec
 from tessera.tokenizers.layout import VocabLayout
 from tessera.train import init_from, mixture
@@ -242,11 +248,27 @@ def _parse_overrides(items: list[str]) -> tuple[list[str], list[str]]:
     return model, train
 
 
+def _is_preset(mcfg: ModelConfig, name: str) -> bool:
+    """Whether a run's model has the dimensions of preset `name` (its vocabulary is the bundle's)."""
+    ref = model_preset(name)  # an unknown name: its own error, listing the presets
+    ref.vocab_size = mcfg.vocab_size
+    return all(getattr(ref, k) == getattr(mcfg, k) for k in ("dim", "n_layers", "n_heads", "kv_heads", "hidden_dim"))
+
+
+def check_out(args) -> None:
+    """--out is no input's directory (nor inside or around one), and holds a training run or nothing."""
+    inputs = [*(s.dir for s in mixture.parse_data(args.data)), args.eval_data, args.tokenizer,
+              getattr(args, "init_from", None)]
+    check_output_dir(args.out, inputs, noun="a training run", markers=("config.json", "checkpoints", "metrics.jsonl"),
+                     error=RunError)
+
+
 def prepare_run(args, env) -> tuple[ModelConfig, TrainConfig, dict, bool, dict | None]:
     """Resolve configs, check the bundle against the data and any existing run; returns (model cfg, train
     cfg, bundle spec, resuming, the --init-from record or None). Reads only: nothing is written or deleted
     here."""
     out = Path(args.out)
+    check_budget(args.max_steps, args.max_minutes)
     if getattr(args, "init_from", None) and args.resume:
         raise RunError("--init-from and --resume are mutually exclusive: --resume continues a run from its checkpoint "
                        "(which holds the imported weights); --init-from starts a new one")
@@ -276,6 +298,9 @@ def prepare_run(args, env) -> tuple[ModelConfig, TrainConfig, dict, bool, dict |
             init, resumed_freeze = run.get("init_from"), run["train"].get("freeze", "")
             if model_over:
                 raise RunError("model overrides cannot change a run being resumed")
+            if args.preset and not _is_preset(mcfg, args.preset):
+                raise RunError(f"{out} holds a run whose model is not the {args.preset!r} preset; --resume continues "
+                               f"the run's own model: drop --preset, or use a new --out")
     if not resuming and (out / "metrics.jsonl").exists() and not (getattr(args, "force", False) or args.resume):
         raise RunError(f"{out} holds the metrics.jsonl of an earlier run that left no checkpoint; pass --force to "
                        f"start over (it is replaced), or use a new --out")
@@ -366,27 +391,15 @@ def train(args) -> dict:
         destroy_distributed()
 
 
-def _lock_run(lock: RunLock, env, only_an_existing_dir: bool) -> None:
-    """Rank 0 takes the run's lock; every rank raises if it could not."""
-    error = None
-    if env.is_main and not (only_an_existing_dir and not lock.path.parent.is_dir()):
-        try:
-            lock.acquire()
-        except RunLockedError as e:
-            error = str(e)
-    error = broadcast_object(error)
-    if error:
-        raise RunLockedError(error)
-
-
 def _train(args, env) -> dict:
     """Lock --out (rank 0 holds `OUT/.lock` for the life of the run), check the arguments, then train. A run
     in progress is reported before anything else; bad input fails before --out is created."""
     lock = RunLock(args.out)
     try:
-        _lock_run(lock, env, only_an_existing_dir=True)
+        check_out(args)  # before the lock (its file must not land in an input's directory), on every rank at once
+        lock_run(lock, env, only_an_existing_dir=True)
         prepare_run(args, env)
-        _lock_run(lock, env, only_an_existing_dir=False)
+        lock_run(lock, env, only_an_existing_dir=False)
         return _train_locked(args, env)
     finally:
         lock.release()

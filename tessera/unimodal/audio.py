@@ -366,7 +366,7 @@ class AudioCodec:
     def load(cls, path: str | Path, device="cpu") -> AudioCodec:
         meta = read_codec_meta(path)
         if meta["kind"] != "audio":
-            raise CodecError(f"{path} holds a {meta['kind']} codec, not an audio codec")
+            raise CodecError(f"{path} holds a codec of kind {meta['kind']!r}, not an audio codec")
         try:
             cfg = from_dict(AudioCodecConfig, meta["config"]).validate()
         except (KeyError, ConfigError) as e:

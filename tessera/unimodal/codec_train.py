@@ -47,8 +47,10 @@ from tessera.errors import TesseraError
 from tessera.runtime import schedule
 from tessera.runtime.checkpoint import (
     CheckpointManager,
+    RunLock,
     capture_rng,
     flatten_optimizer_state,
+    lock_run,
     restore_rng,
     unflatten_optimizer_state,
 )
@@ -62,8 +64,8 @@ from tessera.runtime.distributed import (
     seed_everything,
 )
 from tessera.runtime.monitor import MetricsLogger, Progress
-from tessera.runtime.schedule import RunBudget, add_budget_arguments, lr_factor
-from tessera.storage import atomic_write_json
+from tessera.runtime.schedule import RunBudget, add_budget_arguments, check_budget, lr_factor
+from tessera.storage import atomic_write_json, check_output_dir
 
 DTYPES = ("auto", "bf16", "fp32")
 # Training keys renamed when the two codec trainers were joined: old name -> (new name, old value -> new value)
@@ -256,6 +258,14 @@ class CodecRecipe:
 
 
 # ------------------------------------------------------------------------------------- configs and resume
+RUN_MARKERS = ("codec.json", "checkpoints", "metrics.jsonl")  # what a codec run's directory holds from its start
+def check_out(recipe: CodecRecipe, out: Path) -> None:
+    """OUT is no input's directory (nor inside or around one), and holds a codec run of this kind or nothing."""
+    noun = f"{'an' if recipe.name[0] in 'aeiou' else 'a'} {recipe.name} run"
+    check_output_dir(out, [getattr(recipe, "data", None), getattr(recipe, "eval_data", None)], noun=noun,
+                     markers=RUN_MARKERS, error=ConfigError)
+
+
 def resolve_run(recipe: CodecRecipe, out: Path, preset_name: str | None, overrides: list[str] | None,
                 resume: bool, ckpt: CheckpointManager, log=print):
     """(codec config, training config, preset name, checkpoint tensors, checkpoint state): from the preset
@@ -312,12 +322,13 @@ class CodecRun:
     """One training run: what the recipe's hooks read (configs, model, optimizers, budget, metrics, log)."""
 
     def __init__(self, recipe: CodecRecipe, env: DistEnv, out: Path, *, preset_name=None, overrides=None,
-                 max_steps=None, max_minutes=None, resume=False, progress=True):
+                 max_steps=None, max_minutes=None, resume=False, progress=True, lock: RunLock | None = None):
         self.recipe, self.env, self.out = recipe, env, out
         self._progress = progress
         self.device, self.main = env.device, env.is_main
         self.bar: Progress | None = None
         self.ckpt = CheckpointManager(out, keep=2)
+        check_budget(max_steps, max_minutes)
         self.mcfg, self.tcfg, self.preset, tensors, self.state = resolve_run(
             recipe, out, preset_name, overrides, resume, self.ckpt, self.log)
         self.resumed = bool(self.state)
@@ -327,6 +338,8 @@ class CodecRun:
         self.empty_batches = int(self.state.get("empty_batches", 0))
         if self.main:
             out.mkdir(parents=True, exist_ok=True)
+        if lock is not None:
+            lock_run(lock, env, only_an_existing_dir=False)
         recipe.setup(self)
 
         # model, discriminator, optimizers: the same initial weights on every rank
@@ -572,11 +585,15 @@ def train_codec(recipe: CodecRecipe, out, *, preset_name: str | None = None, ove
     joined = torch.distributed.is_initialized()
     env = init_distributed(device)
     run = None
+    lock = RunLock(out)  # one run at a time in `out`, held by rank 0 until the run ends
     try:
+        check_out(recipe, Path(out))  # before the lock: its file must not land in an input's directory
+        lock_run(lock, env, only_an_existing_dir=True)  # a run in progress is reported before anything else
         run = CodecRun(recipe, env, Path(out), preset_name=preset_name, overrides=overrides, max_steps=max_steps,
-                       max_minutes=max_minutes, resume=resume, progress=progress)
+                       max_minutes=max_minutes, resume=resume, progress=progress, lock=lock)
         return run.train()
     finally:
+        lock.release()
         if run is not None:
             # The DDP wrappers go while the process group lives: each one's reducer holds the group, and a
             # group whose last reference drops in the wrapper's deallocator joins gloo's threads while holding

@@ -415,7 +415,7 @@ class ImageCodec(nn.Module):
     def load(cls, path: str | Path, device="cpu") -> "ImageCodec":
         meta = read_codec_meta(path)
         if meta["kind"] != "image":
-            raise CodecError(f"{path} holds a {meta['kind']} codec, not an image codec")
+            raise CodecError(f"{path} holds a codec of kind {meta['kind']!r}, not an image codec")
         cfg = from_dict(ImageCodecConfig, meta["config"])
         codec = cls(cfg)
         if codec.info.to_dict() != meta["info"]:

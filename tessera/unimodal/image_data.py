@@ -68,7 +68,7 @@ def find_splits(data: str | Path, eval_data: str | Path | None, eval_fraction: f
         pick = set(np.linspace(0, len(files) - 1, n_eval).round().astype(int).tolist()) if n_eval else set()
         train = [p for i, p in enumerate(files) if i not in pick]
         held = [p for i, p in enumerate(files) if i in pick]
-        how = f"every {len(files) // max(1, n_eval)}th file held out" if n_eval else "no held-out split"
+        how = f"1 file in {len(files) // max(1, n_eval)} held out" if n_eval else "no held-out split"
     if not train:
         raise TesseraError(f"{data}: no image files found (looked for {', '.join(('png', 'jpg', 'webp', '...'))})")
     held = held[:max_eval]

@@ -45,6 +45,7 @@ from tessera.unimodal.codec_train import CodecRecipe, CodecTrainConfig, add_code
 from tessera.unimodal.image import ImageCodec, ImageCodecConfig, image_preset
 from tessera.unimodal.image_data import (
     InfiniteBatchSampler,
+    Skip,
     TrainImages,
     collate,
     find_splits,
@@ -193,6 +194,7 @@ class ImageRecipe(CodecRecipe):
         self.dataset = TrainImages(self.train_files, mcfg.image_size, f, crop_scale=tuple(tcfg.crop_scale),
                                    flip=tcfg.flip, max_pixels=tcfg.max_pixels, cache_mb=tcfg.cache_mb,
                                    seed=tcfg.seed + 7919 * env.rank)
+        self._probe(len(self.train_files))
         self.batches_seen = int(state.get("batches_seen", 0))
         sampler = InfiniteBatchSampler(len(self.dataset), tcfg.batch_size, tcfg.seed, env.rank, env.world_size,
                                        start=self.batches_seen)
@@ -204,6 +206,20 @@ class ImageRecipe(CodecRecipe):
         )
         self.batches = iter(loader)
         self.seen_bad: dict[str, tuple[str, str]] = {p: tuple(v) for p, v in state.get("bad_files", {}).items()}
+
+    PROBES = 16  # training images decoded before the first step
+
+    def _probe(self, n: int) -> None:
+        """Decode up to `PROBES` training images spread over the list (kept in the dataset's cache): a folder
+        whose images are all unusable is refused before training, not after steps that skipped every batch."""
+        k = min(n, self.PROBES)
+        picks = sorted({round(i * (n - 1) / max(1, k - 1)) for i in range(k)})
+        bad = [im for im in (self.dataset._image(i) for i in picks) if isinstance(im, Skip)]
+        if picks and len(bad) == len(picks):
+            reasons = sorted({b.reason for b in bad})
+            what = "the" if len(picks) == n else f"all {len(picks)} probed of the"
+            raise ConfigError(f"{self.data}: {what} {n} training images are unusable ({', '.join(reasons)}; e.g. "
+                              f"{bad[0].message})")
 
     def load_rank_state(self, run, state: dict) -> None:
         r = state.get("dataset_rng")

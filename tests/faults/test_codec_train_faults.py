@@ -21,10 +21,24 @@ def write_corrupt_images(d, n: int) -> None:
         (d / f"bad_{i:03d}.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 2)
 
 
+def test_a_folder_of_only_corrupt_images_is_refused_before_training(tmp_path, capsys):
+    """Before the first step: a short run (3 steps) on such a folder had exited 0 with an untrained codec."""
+    write_corrupt_images(tmp_path / "data", 5)
+    rc = cli(codec_train_argv("image", tmp_path / "data", tmp_path / "run", "--max-steps", "3"))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1, err
+    assert "the 4 training images are unusable (corrupt" in err[0], err  # 1 of the 5 is held out
+    assert not (tmp_path / "run" / "metrics.jsonl").exists() and not (tmp_path / "run" / "codec.json").exists()
+
+
 @pytest.mark.timeout(600)  # the loop this replaced never ended
-def test_a_folder_of_corrupt_images_stops_with_an_error_instead_of_looping(tmp_path, capsys):
+def test_a_folder_of_corrupt_images_stops_with_an_error_instead_of_looping(tmp_path, capsys, monkeypatch):
     """Every batch is empty: each one is a skipped step, and `max_empty_batches` (10) in a row end the run at
-    step 10 with an error naming the cause (before, the loop skipped without counting a step: forever)."""
+    step 10 with an error naming the cause (before, the loop skipped without counting a step: forever). The
+    up-front probe is turned off: it would refuse this folder before the loop."""
+    from tessera.unimodal.image_train import ImageRecipe
+
+    monkeypatch.setattr(ImageRecipe, "PROBES", 0)
     write_corrupt_images(tmp_path / "data", 10)
     rc = cli(codec_train_argv("image", tmp_path / "data", tmp_path / "run", "--max-steps", "50"))
     err = capsys.readouterr().err.strip().splitlines()
@@ -114,3 +128,25 @@ def test_nan_losses_in_a_row_stop_the_run_with_a_clear_error(kind, data, tmp_pat
     assert [r["step"] for r in read_metrics(run) if r.get("nan_skip")] == [3, 4, 5, 6, 7]
     weights = load_tensors(run / "model.safetensors")
     assert all(np.isfinite(v.float().numpy()).all() for v in weights.values() if v.is_floating_point())
+
+
+@pytest.mark.parametrize("bound", [["--max-steps", "-3"], ["--max-minutes", "-1"]])
+def test_a_negative_budget_is_refused_before_anything_is_written(tmp_path, capsys, bound):
+    write_image_folder(tmp_path / "data", 2)
+    assert cli(codec_train_argv("image", tmp_path / "data", tmp_path / "run", *bound)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {bound[0]} must be"), err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_second_codec_run_into_the_same_out_is_refused(tmp_path, capsys):
+    """The run's lock (`OUT/.lock`, as the decoder's trainer takes it): two runs never write one directory."""
+    from tessera.runtime.checkpoint import RunLock
+
+    write_image_folder(tmp_path / "data", 2)
+    with RunLock(tmp_path / "run", command="the first run"):
+        assert cli(codec_train_argv("image", tmp_path / "data", tmp_path / "run", "--max-steps", "1")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "the first run" in err[0], err
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+    assert cli(codec_train_argv("image", tmp_path / "data", tmp_path / "run", "--max-steps", "1")) == 0  # freed

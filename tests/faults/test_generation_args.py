@@ -34,6 +34,9 @@ def test_max_new_tokens_too_small_for_the_image_span_is_refused(m):
     ({"top_p": -0.5}, "top_p"),
     ({"top_p": 1.5}, "top_p"),
     ({"top_k": -1}, "top_k"),
+    ({"top_k": 2.5}, "top_k"),
+    ({"max_audio_seconds": -1.0}, "max_audio_seconds"),
+    ({"max_audio_seconds": float("nan")}, "max_audio_seconds"),
 ])
 def test_sampling_arguments_out_of_range_are_refused(m, kwargs, name):
     with pytest.raises(ValueError, match=f"^{name} must be"):
@@ -76,3 +79,8 @@ def test_audio_time_by_channels_is_read_as_channels():
     assert Audio(np.zeros((2, 16000), np.float32), 16000).waveform.shape == (2, 16000)  # channels-first as before
     with pytest.raises(ValueError, match="at most 8 channels"):
         Audio(np.zeros((100, 16000), np.float32), 16000)
+
+
+def test_a_prompt_of_another_type_is_a_type_error_naming_it(m):
+    with pytest.raises(TypeError, match="a prompt is a str, PIL.Image.Image, tessera.Audio or a list of them, not int"):
+        m.generate_ids(5, max_new_tokens=2)

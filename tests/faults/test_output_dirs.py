@@ -92,3 +92,68 @@ def test_tokenizer_build_force_replaces_only_a_bundle(tmp_path, text_dir, capsys
         build_bundle(out, text_dir, force=True)
     build_bundle(tmp_path / "b", text_dir)
     build_bundle(tmp_path / "b", text_dir, max_grid=8, force=True)  # a bundle is still replaced
+
+
+# ------------------------------------------------------------------------- trainers and the export
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory, bundle):
+    d = tmp_path_factory.mktemp("shards")
+    pretokenize(bundle, [_docs(d / "docs.jsonl", 8)], d / "shards", PretokenizeConfig(workers=1), progress=False)
+    return d / "shards"
+
+
+def _pretrain(bundle, shards, out):
+    return cli(["train", "--preset", "tiny", "--tokenizer", str(bundle), "--data", str(shards), "--out", str(out),
+                "--max-steps", "1", "--set", "seq_len=32", "--set", "batch_size=1", "--device", "cpu", "--compile",
+                "off"])
+
+
+@pytest.mark.parametrize("where", ["shards", "bundle", "inside the shards", "user files"])
+def test_pretrain_refuses_an_out_that_is_an_input_or_holds_user_files(tmp_path, bundle, shards, where, capsys):
+    before = {p: p.stat().st_mtime_ns for p in (*shards.rglob("*"), *bundle.rglob("*"))}
+    out = {"shards": shards, "bundle": bundle, "inside the shards": shards / "run",
+           "user files": tmp_path / "mine"}[where]
+    if where == "user files":
+        out.mkdir()
+        (out / "notes.txt").write_text("mine")
+    assert _pretrain(bundle, shards, out) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert ("not a training run" if where == "user files" else "the input") in err, err
+    assert {p: p.stat().st_mtime_ns for p in (*shards.rglob("*"), *bundle.rglob("*"))} == before
+    assert not (shards / "run").exists() and not (shards / "config.json").exists()
+
+
+def test_codec_training_refuses_its_own_data_directory_and_user_files(tmp_path, capsys):
+    from PIL import Image
+
+    data = tmp_path / "images"
+    data.mkdir()
+    for i in range(4):
+        Image.new("RGB", (32, 32), (i * 60, 0, 0)).save(data / f"{i}.png")
+    mine = tmp_path / "text_tokenizer"
+    mine.mkdir()
+    (mine / "spm.model").write_bytes(b"not a codec")
+    for out in (data, data / "run", mine):
+        assert cli(["tokenizer", "train", "image", "--data", str(data), "--out", str(out), "--max-steps", "1",
+                    "--device", "cpu", "--no-progress"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and ("the input" in err or "not an image codec run" in err), err
+    assert sorted(p.name for p in data.iterdir()) == [f"{i}.png" for i in range(4)]
+    assert sorted(p.name for p in mine.iterdir()) == ["spm.model"]
+
+
+def test_export_force_replaces_only_an_export_and_never_the_run(tmp_path, bundle, shards, capsys):
+    run = tmp_path / "run"
+    assert _pretrain(bundle, shards, run) == 0
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("important")
+    assert cli(["export", "hf", "--model", str(run), "--out", str(mine), "--force"]) == 2
+    assert "not a Hugging Face export" in capsys.readouterr().err
+    assert (mine / "notes.txt").read_text() == "important"
+    assert cli(["export", "hf", "--model", str(run), "--out", str(run), "--force"]) == 2
+    assert "the input" in capsys.readouterr().err
+    assert (run / "model.safetensors").is_file() and (run / "config.json").is_file()
+    assert cli(["export", "hf", "--model", str(run), "--out", str(tmp_path / "hf")]) == 0
+    assert cli(["export", "hf", "--model", str(run), "--out", str(tmp_path / "hf"), "--force"]) == 0  # replaced

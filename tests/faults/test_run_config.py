@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 import tessera
 from tessera.config import to_dict
@@ -71,3 +72,55 @@ def test_load_refuses_weights_of_the_wrong_shape(tmp_path, text_dir):
 def test_load_refuses_a_config_without_a_required_key(tmp_path, text_dir, key):
     with pytest.raises(LoadError, match=f"config.json has no {key!r}"):
         tessera.load(_fake_run(tmp_path, text_dir, drop=key), device="cpu")
+
+
+def _train_argv(data, out, *extra):
+    return ["--preset", "tiny", "--tokenizer", str(data / "bundle"), "--data", str(data / "shards"), "--out",
+            str(out), "--set", "seq_len=32", "--device", "cpu", "--compile", "off", *extra]
+
+
+@pytest.mark.parametrize("bound", [["--max-steps", "-3"], ["--max-minutes", "-1"], ["--max-minutes", "nan"]])
+def test_a_negative_or_nan_budget_is_one_line_error_and_creates_nothing(data, tmp_path, capsys, bound):
+    out = tmp_path / "run"
+    assert pretrain.main(_train_argv(data, out, *bound)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {bound[0]} must be"), err
+    assert not out.exists()
+
+
+def test_resuming_with_another_preset_is_refused(data, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert pretrain.main(_train_argv(data, out, "--max-steps", "1")) == 0
+    capsys.readouterr()
+    assert pretrain.main(_train_argv(data, out, "--max-steps", "2", "--resume")) == 0  # the same preset resumes
+    assert pretrain.main([a if a != "tiny" else "demo" for a in _train_argv(data, out, "--max-steps", "3",
+                                                                            "--resume")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "not the 'demo' preset" in err[-1] and len([e for e in err if e.startswith("error")]) == 1, err
+    assert json.loads((out / "train_summary.json").read_text())["step"] == 2
+
+
+@pytest.mark.parametrize("device", ["tpu", "cuda:x"] + ([] if torch.cuda.is_available() else ["cuda"]))
+def test_a_device_that_is_not_there_is_one_line_error(data, tmp_path, capsys, device):
+    argv = _train_argv(data, tmp_path / "run", "--max-steps", "1")
+    argv[argv.index("--device") + 1] = device
+    assert pretrain.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: --device {device}"), err
+
+
+@pytest.mark.parametrize("flags, name", [
+    (["--max-new-tokens", "0"], "--max-new-tokens"),
+    (["--max-new-tokens", "100000"], "max_new_tokens"),
+    (["--temperature", "-1"], "temperature"),
+    (["--top-p", "0"], "top_p"),
+    (["--max-audio-seconds", "-1"], "max_audio_seconds"),
+    (["--samples", "0"], "--samples"),
+])
+def test_generate_arguments_out_of_range_are_one_line_errors(tmp_path, text_dir, capsys, flags, name):
+    from tessera.cli import main as cli
+
+    run = _fake_run(tmp_path / "run", text_dir)
+    assert cli(["generate", "--model", str(run), "--prompt", "hi", "--out", str(tmp_path / "gen"), *flags]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and name in err[0], err
