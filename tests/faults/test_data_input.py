@@ -246,3 +246,19 @@ def test_shards_hold_what_the_tokenizer_makes_of_each_document(tmp_path, codec_b
                   else load_audio(d / x["audio"], sample_rate=sr) for x in s]
         ids = [tok.bos_id] + [t for v in values for t in tok.encode(v)] + [tok.eos_id]
         assert reader.doc(i)[0].tolist() == ids, i
+
+
+@pytest.mark.parametrize("kwargs, flag", [
+    ({"workers": -2}, "--workers"),
+    ({"docs_per_shard": 0}, "--docs-per-shard"),
+    ({"max_audio_seconds": -1.0}, "--max-audio-seconds"),
+    ({"max_audio_seconds": float("nan")}, "--max-audio-seconds"),
+    ({"max_media_bytes": 0}, "--max-media-mb"),
+])
+def test_pretokenize_settings_out_of_range_are_refused_by_name(kwargs, flag):
+    """They ran: --workers -2 as one worker, --max-audio-seconds -1 skipping every clip as too long."""
+    from tessera.train.pretokenize import PretokenizeConfig
+    from tessera.train.shards import ShardError
+
+    with pytest.raises(ShardError, match=f"^{flag} must be"):
+        PretokenizeConfig(**kwargs)
