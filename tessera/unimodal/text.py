@@ -23,7 +23,7 @@ import sentencepiece as spm
 
 from tessera.errors import TesseraError
 from tessera.runtime.monitor import progress_bar
-from tessera.storage import atomic_write_bytes, atomic_write_json, sha256_file
+from tessera.storage import atomic_write_bytes, atomic_write_json, check_output_dir, sha256_file
 
 TEXT_FORMAT = "tessera-text"
 TEXT_VERSION = 1
@@ -143,6 +143,9 @@ def train_text_tokenizer(
             f"--vocab-size {cfg.vocab_size} is too small: byte fallback alone needs 259 ids; use >= {MIN_VOCAB_SIZE}"
         )
     paths = _check_inputs(inputs)
+    # an existing text tokenizer is replaced (the bundle records its hash); a directory of other files is not
+    check_output_dir(out_dir, paths, noun="a text tokenizer", markers=("spm.model", "text.json"),
+                     error=TextTokenizerError)
     total = sum(p.stat().st_size for p in paths)
     stats = {"lines": 0, "not_utf8": 0}
     model = io.BytesIO()

@@ -157,3 +157,17 @@ def test_export_force_replaces_only_an_export_and_never_the_run(tmp_path, bundle
     assert (run / "model.safetensors").is_file() and (run / "config.json").is_file()
     assert cli(["export", "hf", "--model", str(run), "--out", str(tmp_path / "hf")]) == 0
     assert cli(["export", "hf", "--model", str(run), "--out", str(tmp_path / "hf"), "--force"]) == 0  # replaced
+
+
+def test_text_tokenizer_training_refuses_a_directory_of_user_files(tmp_path, capsys):
+    text = tmp_path / "text.txt"
+    text.write_text("".join(f"the digit {i % 10} is written {i}\n" for i in range(300)))
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    argv = ["tokenizer", "train", "text", "--input", str(text), "--vocab-size", "300", "--out"]
+    assert cli([*argv, str(mine)]) == 2
+    assert "not a text tokenizer" in capsys.readouterr().err
+    assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
+    assert cli([*argv, str(tmp_path / "tok")]) == 0
+    assert cli([*argv, str(tmp_path / "tok")]) == 0  # a text tokenizer is still replaced, as the demo reruns it
