@@ -525,7 +525,8 @@ def _train_locked(args, env) -> dict:
 
     set_lr()
     metrics = MetricsLogger(out, enabled=env.is_main, resume_step=step if resuming else None)
-    progress = Progress(budget, start_step=step, desc="pretrain", unit="step", enabled=env.is_main)
+    progress = Progress(budget, start_step=step, desc="pretrain", unit="step",
+                        enabled=env.is_main and not getattr(args, "no_progress", False))
     modality = torch.as_tensor(layout.modality_table(), device=env.device)
     flops_per_token = core.flops_per_token(tcfg.seq_len)
     peak, peak_src = peak_flops(env.device, dtype)
@@ -717,6 +718,7 @@ def add_pretrain_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a training key (lr=1e-3) or a model key (model.dim=512)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (metrics.jsonl and the [tessera] lines stay)")
     p.add_argument("--fsdp", action="store_true", help="shard with FSDP2 instead of DDP (torchrun)")
     p.add_argument("--compile", nargs="?", const="on", choices=["auto", "on", "off"], default=None,
                    help="torch.compile each block and the loss (default auto: on for runs long enough to pay "

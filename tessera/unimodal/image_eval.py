@@ -165,6 +165,8 @@ def add_eval_arguments(p) -> None:
 def _load_images(files, codec, args, skips: SkipLog) -> list[torch.Tensor]:
     info = codec.info
     f = info.downsample
+    if args.size is not None and args.size < 1:
+        raise TesseraError(f"--size must be a positive number of pixels, got {args.size}")
     size = args.size or (info.default_size[0] if info.default_size else 256)
     if not args.native and size % f:
         raise TesseraError(f"--size {size} is not a multiple of the codec's downsampling factor {f}")

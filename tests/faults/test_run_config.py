@@ -124,3 +124,23 @@ def test_generate_arguments_out_of_range_are_one_line_errors(tmp_path, text_dir,
     assert cli(["generate", "--model", str(run), "--prompt", "hi", "--out", str(tmp_path / "gen"), *flags]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and name in err[0], err
+
+
+def test_no_progress_leaves_out_the_bar_as_the_codec_trainers_do(data, tmp_path, capsys):
+    assert pretrain.main(_train_argv(data, tmp_path / "a", "--max-steps", "2")) == 0
+    assert "pretrain:" in capsys.readouterr().err  # the bar, for contrast
+    assert pretrain.main(_train_argv(data, tmp_path / "b", "--max-steps", "2", "--no-progress")) == 0
+    assert "pretrain:" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("size", [0, -5])
+def test_codec_eval_refuses_a_size_of_no_pixels(size):
+    """`tokenizer eval image --size 0` evaluated at the default size; -5 was "not a multiple of 8"."""
+    from types import SimpleNamespace
+
+    from tessera.errors import TesseraError
+    from tessera.unimodal.image_eval import _load_images
+
+    codec = SimpleNamespace(info=SimpleNamespace(downsample=8, default_size=(64, 64)))
+    with pytest.raises(TesseraError, match="^--size must be a positive number of pixels"):
+        _load_images([], codec, SimpleNamespace(size=size, native=False, max_pixels=None), None)
