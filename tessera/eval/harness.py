@@ -272,7 +272,8 @@ def format_table(results: dict) -> str:
 # ------------------------------------------------------------------------------------------------ CLI
 def add_eval_arguments(p) -> None:
     p.add_argument("--model", required=True, metavar="RUN")
-    p.add_argument("--tasks", default="digits", help="'digits' or a task JSONL file (its fields: docs/data.md, 'Task files')")
+    p.add_argument("--tasks", default="digits",
+                   help="'digits' or a task JSONL file (its fields: docs/data.md, 'Task files')")
     p.add_argument("--data", metavar="CORPUS", help="the digits corpus (default: the one the run was trained on)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--out", metavar="DIR", help="save eval.json and every generated output here")
