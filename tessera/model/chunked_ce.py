@@ -67,8 +67,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
 def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                          chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
     """h (N, D) final hidden states, weight (V, D) the output head, targets (N,) in [0, V) -> (ce, lse), each
-    (N,) fp32 (fp64 for fp64 inputs): each token's cross-entropy and the log-sum-exp of its logits (for z-loss), computed `chunk`
-    tokens at a time. Targets to ignore must be mapped into range by the caller and their losses masked."""
+    (N,) fp32 (fp64 for fp64 inputs): each token's cross-entropy and the log-sum-exp of its logits (for
+    z-loss), computed `chunk` tokens at a time. Targets to ignore must be mapped into range by the caller and
+    their losses masked."""
     if chunk <= 0:
         raise ValueError(f"chunk must be a positive number of tokens, got {chunk}")
     return _LinearCrossEntropy.apply(h, weight, targets, chunk)

@@ -718,7 +718,8 @@ def add_pretrain_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a training key (lr=1e-3) or a model key (model.dim=512)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar (metrics.jsonl and the [tessera] lines stay)")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bar (metrics.jsonl and the [tessera] lines stay)")
     p.add_argument("--fsdp", action="store_true", help="shard with FSDP2 instead of DDP (torchrun)")
     p.add_argument("--compile", nargs="?", const="on", choices=["auto", "on", "off"], default=None,
                    help="torch.compile each block and the loss (default auto: on for runs long enough to pay "
