@@ -101,9 +101,9 @@ class Tessera:
             if key not in config:
                 raise LoadError(f"{cfg_path} has no {key!r}; it was not written by tessera train")
         if not isinstance(device, torch.device):  # a name: checked (one line where CUDA is missing)
-            from tessera.runtime.distributed import resolve_device
+            from tessera.runtime.distributed import parse_device
 
-            device = resolve_device(device)
+            device = parse_device(device)
         dtype, int8 = resolve_dtype(dtype, device)
         tokenizer = load_bundle(run / "tokenizer", device=device)
         if tokenizer.bundle_hash != config["tokenizer_hash"]:

@@ -31,8 +31,10 @@ class DistEnv:
         return self.world_size > 1
 
 
-def resolve_device(device: str | None = None, local_rank: int = 0) -> torch.device:
-    """'auto' (or None) picks CUDA when available, else CPU."""
+def parse_device(device: str | None = None) -> torch.device:
+    """A device name, checked ('auto' or None: CUDA when available, else CPU); a `TesseraError` in one line
+    for a name torch does not know, a device tessera does not run on, or a CUDA device this machine lacks.
+    Changes nothing (no current device is set)."""
     from tessera.errors import TesseraError
 
     if device in (None, "auto"):
@@ -49,6 +51,13 @@ def resolve_device(device: str | None = None, local_rank: int = 0) -> torch.devi
                                "(--device cpu, or auto)")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise TesseraError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return dev
+
+
+def resolve_device(device: str | None = None, local_rank: int = 0) -> torch.device:
+    """`parse_device`, then for CUDA without an index this process's GPU (`local_rank`), made current."""
+    dev = parse_device(device)
+    if dev.type == "cuda":
         if dev.index is None:
             dev = torch.device("cuda", local_rank)
         torch.cuda.set_device(dev)
