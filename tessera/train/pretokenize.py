@@ -118,17 +118,18 @@ class PretokenizeConfig:
     def __post_init__(self):
         counts = {"docs_per_shard": 1, "workers": 1, "max_image_pixels": 1, "max_line_bytes": 1,
                   "max_media_bytes": 1, "min_image_side": 0, "image_max_pixels": 0}
-        flags = {"max_line_bytes": "--max-line-mb", "max_media_bytes": "--max-media-mb"}  # given in MB
+        in_mb = {"max_line_bytes": "--max-line-mb", "max_media_bytes": "--max-media-mb"}  # flags given in MB
         for key, low in counts.items():
             v = getattr(self, key)
             if isinstance(v, bool) or not isinstance(v, int) or v < low:
-                name = flags.get(key, "--" + key.replace("_", "-"))
-                raise ShardError(f"{name} must be {'positive' if key in flags else f'an integer >= {low}'}, "
-                                 f"got {v!r}" + (" bytes" if key in flags else ""))
+                if key in in_mb:
+                    raise ShardError(f"{in_mb[key]} must be positive, got {v!r} bytes")
+                raise ShardError(f"--{key.replace('_', '-')} must be an integer >= {low}, got {v!r}")
         if not (isinstance(self.max_audio_seconds, (int, float)) and 0 < self.max_audio_seconds < math.inf):
             raise ShardError(f"--max-audio-seconds must be a finite number > 0, got {self.max_audio_seconds!r}")
         if not (isinstance(self.max_aspect_ratio, (int, float)) and 0 <= self.max_aspect_ratio < math.inf):
-            raise ShardError(f"--max-aspect-ratio must be a finite number >= 0 (0: off), got {self.max_aspect_ratio!r}")
+            raise ShardError(f"--max-aspect-ratio must be a finite number >= 0 (0: off), "
+                             f"got {self.max_aspect_ratio!r}")
 
     def reader_options(self, chat: dict | None = None) -> ReaderOptions:
         """The readers' options; `chat` is the bundle's chat template, for conversation documents."""

@@ -259,6 +259,8 @@ class CodecRecipe:
 
 # ------------------------------------------------------------------------------------- configs and resume
 RUN_MARKERS = ("codec.json", "checkpoints", "metrics.jsonl")  # what a codec run's directory holds from its start
+
+
 def check_out(recipe: CodecRecipe, out: Path) -> None:
     """OUT is no input's directory (nor inside or around one), and holds a codec run of this kind or nothing."""
     noun = f"{'an' if recipe.name[0] in 'aeiou' else 'a'} {recipe.name} run"
